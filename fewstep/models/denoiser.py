@@ -1,0 +1,137 @@
+"""The Denoiser: one canonical interface over every teacher and student.
+
+A Denoiser wraps a network with its noise process, its prediction type and its conditioning.
+Samplers and methods only call ``denoiser(x_t, t, cond, guidance) -> x0`` (k-diffusion's
+convention, Karras et al. 2022) plus the process that maps t to (alpha_t, sigma_t); conversions
+to eps, v, flow velocity or TrigFlow F live in ``fewstep.diffusion.predictions``.
+
+Classifier-free guidance (Ho & Salimans 2022) is built in: x0 = x0_u + w (x0_c - x0_u), which is
+the same as guiding eps, v or velocity since all are affine in x0 at a fixed state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.diffusion.predictions import check_prediction, convert_prediction, to_x0
+from fewstep.diffusion.processes import NoiseProcess, as_time, expand_like
+
+Cond = Any  # None, a LongTensor of class labels, a Tensor of embeddings, or a dict of tensors
+
+COND_KINDS = ("none", "class", "text")
+
+
+def cond_batch_size(cond: Cond) -> int | None:
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return next(iter(cond.values())).shape[0]
+    return cond.shape[0]
+
+
+def cat_conds(a: Cond, b: Cond) -> Cond:
+    """Concatenate two conditions along the batch (tensors or dicts of tensors)."""
+    if a is None:
+        return None
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+class Denoiser(nn.Module):
+    """network + process + prediction type + conditioning, called as D(x_t, t, cond, guidance) -> x0.
+
+    The network is called as ``net(x_t, t, cond)`` with x_t and t in the process' native units.
+    For class conditioning, label ``num_classes`` is the null (unconditional) label. For text
+    conditioning, ``null_cond`` holds the embeddings of the empty prompt (batch 1), broadcast.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        process: NoiseProcess,
+        prediction: str,
+        *,
+        cond_kind: str = "none",
+        num_classes: int | None = None,
+        null_cond: Cond = None,
+        sigma_d: float = 1.0,
+        data_shape: tuple[int, ...] | None = None,
+    ):
+        super().__init__()
+        if cond_kind not in COND_KINDS:
+            raise ValueError(f"cond_kind must be one of {COND_KINDS}, got {cond_kind!r}")
+        self.net = net
+        self.process = process
+        self.prediction = check_prediction(prediction)
+        self.cond_kind = cond_kind
+        self.num_classes = num_classes
+        self._null_cond = null_cond
+        self.sigma_d = sigma_d
+        self.data_shape = tuple(data_shape) if data_shape is not None else None
+
+    # -- conditioning --------------------------------------------------------------------------
+    @property
+    def conditional(self) -> bool:
+        return self.cond_kind != "none"
+
+    def null_condition(self, batch: int, device=None) -> Cond:
+        """The unconditional input for a batch (null label or empty-prompt embeddings)."""
+        if self.cond_kind == "none":
+            return None
+        if self.cond_kind == "class":
+            return torch.full((batch,), int(self.num_classes), dtype=torch.long, device=device)
+        null = self._null_cond
+        if isinstance(null, dict):
+            return {k: v.expand(batch, *v.shape[1:]).to(device) for k, v in null.items()}
+        return null.expand(batch, *null.shape[1:]).to(device)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def raw(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
+        """The network's native prediction (no guidance)."""
+        t = as_time(t, x_t)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if self.conditional and cond is None:
+            cond = self.null_condition(x_t.shape[0], x_t.device)
+        return self.net(x_t, t.to(x_t.dtype), cond)
+
+    def forward(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0) -> torch.Tensor:
+        """Guided x0 estimate. `guidance` is a float or a (B,) tensor (1 = no guidance)."""
+        return self.predict(x_t, t, cond, guidance, kind="x0")
+
+    def predict(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0, kind: str = "x0"):
+        """Guided prediction of any type (x0, eps, v, flow, trigflow) in this process."""
+        t = as_time(t, x_t)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        unguided = (
+            not self.conditional
+            or cond is None
+            or (not isinstance(guidance, torch.Tensor) and float(guidance) == 1.0)
+        )
+        if unguided:
+            out = self.raw(x_t, t, cond)
+        else:
+            b = x_t.shape[0]
+            null = self.null_condition(b, x_t.device)
+            both = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds(cond, null))
+            c, u = both[:b], both[b:]
+            w = guidance if isinstance(guidance, torch.Tensor) else torch.tensor(float(guidance))
+            out = u + expand_like(w, c) * (c - u)
+        if kind == "x0" and self.prediction != "x0":
+            return to_x0(out, x_t, t, self.process, self.prediction, self.sigma_d)
+        return convert_prediction(out, x_t, t, self.process, self.prediction, kind, self.sigma_d)
+
+    def config(self) -> dict:
+        return {
+            "process": self.process.config(),
+            "prediction": self.prediction,
+            "cond_kind": self.cond_kind,
+            "num_classes": self.num_classes,
+            "sigma_d": self.sigma_d,
+            "data_shape": list(self.data_shape) if self.data_shape else None,
+        }
