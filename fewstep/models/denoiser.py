@@ -60,6 +60,7 @@ class Denoiser(nn.Module):
         null_cond: Cond = None,
         sigma_d: float = 1.0,
         data_shape: tuple[int, ...] | None = None,
+        meta: dict | None = None,
     ):
         super().__init__()
         if cond_kind not in COND_KINDS:
@@ -72,6 +73,9 @@ class Denoiser(nn.Module):
         self._null_cond = null_cond
         self.sigma_d = sigma_d
         self.data_shape = tuple(data_shape) if data_shape is not None else None
+        # Free-form description saved with the weights: data name, default metric, recommended
+        # sampler settings, training command and metrics.
+        self.meta = dict(meta or {})
 
     # -- conditioning --------------------------------------------------------------------------
     @property
