@@ -1,0 +1,8 @@
+"""fewstep: distill many-step diffusion and flow teachers into 1-4 step students."""
+
+__version__ = "0.1.0.dev0"
+
+from fewstep.api import evaluate_samples, load_model, sample, train_teacher  # noqa: E402
+from fewstep.errors import FewstepError  # noqa: E402
+
+__all__ = ["FewstepError", "__version__", "evaluate_samples", "load_model", "sample", "train_teacher"]
