@@ -1,0 +1,146 @@
+"""The Python API behind every CLI command: one call each, importable as ``from fewstep import ...``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.outputs import ensure_new_path, load_samples, save_samples
+
+
+def load_model(spec: str):
+    """A Denoiser from a built-in teacher name or a model directory (config.json + model.safetensors)."""
+    from fewstep.teachers import load_teacher
+
+    return load_teacher(spec)
+
+
+def _check_positive(name: str, value, minimum=1):
+    if value is None:
+        return
+    if value < minimum:
+        raise FewstepError(f"{name} must be >= {minimum}, got {value}")
+
+
+def sample(
+    model: str,
+    *,
+    num: int = 4096,
+    steps: int | None = None,
+    solver: str | None = None,
+    spacing: str = "uniform",
+    seed: int = 0,
+    guidance: float = 1.0,
+    label: int | None = None,
+    batch_size: int = 1024,
+    out: str | Path | None = None,
+    progress=None,
+) -> dict:
+    """Generate `num` samples from a teacher or student and optionally write them to `out`.
+
+    Sample i uses per-sample seed i of `seed`, so results do not depend on the batch size.
+    Returns a JSON-able summary (and the tensors under the private keys "_samples", "_labels").
+    """
+    from fewstep.diffusion.timesteps import SPACINGS
+    from fewstep.sampling import SOLVERS, generate
+
+    _check_positive("--num", num)
+    _check_positive("--steps", steps)
+    _check_positive("--batch-size", batch_size)
+    if guidance < 0:
+        raise FewstepError(f"--guidance must be >= 0, got {guidance}")
+    if solver is not None and solver not in SOLVERS:
+        raise FewstepError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
+    if spacing not in SPACINGS:
+        raise FewstepError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if out is not None:
+        ensure_new_path(out)
+    den = load_model(model)
+    meta = den.meta
+    steps = steps or int(meta.get("default_steps", 50))
+    solver = solver or meta.get("default_solver", "heun")
+    labels = None
+    if label is not None:
+        if den.cond_kind != "class":
+            raise FewstepError(f"--label needs a class-conditional model; {model!r} is not")
+        if not 0 <= label < den.num_classes:
+            raise FewstepError(f"--label must be in 0..{den.num_classes - 1}, got {label}")
+        labels = torch.full((num,), int(label), dtype=torch.long)
+    if guidance != 1.0 and den.cond_kind == "none":
+        raise FewstepError(f"--guidance needs a conditional model; {model!r} is unconditional")
+    if out is not None and den.data_shape is not None and len(den.data_shape) == 1 and Path(out).suffix != ".npz":
+        raise FewstepError(f"2-D samples are written as .npz; got --out {str(out)!r} (use e.g. samples.npz)")
+    t0 = time.perf_counter()
+    samples, used_labels = generate(den, num, steps=steps, solver=solver, spacing=spacing, seed=seed,
+                                    batch_size=batch_size, labels=labels, guidance=guidance, progress=progress)
+    seconds = time.perf_counter() - t0
+    result = {
+        "model": str(model),
+        "data": meta.get("data"),
+        "num": int(num),
+        "steps": int(steps),
+        "solver": solver,
+        "spacing": spacing,
+        "seed": int(seed),
+        "guidance": float(guidance),
+        "label": label,
+        "seconds": round(seconds, 3),
+        "samples_per_second": round(num / max(seconds, 1e-9), 1),
+    }
+    if out is not None:
+        saved = save_samples(out, samples, used_labels, {k: v for k, v in result.items()})
+        result["outputs"] = saved["paths"]
+    result["_samples"], result["_labels"] = samples, used_labels
+    return result
+
+
+def evaluate_samples(metric: str | None, samples, *, ref: str | None = None) -> dict:
+    """Score samples (a path written by `sample`, or a tensor) with a metric against a reference.
+
+    `ref` is a built-in data name (toy:checkerboard, digits, ...) or a path to another sample set;
+    by default the data the samples' model was trained on. `metric` None picks the data's default.
+    """
+    from fewstep.data import DATA_NAMES, canonical_data_name
+    from fewstep.eval import METRICS, default_metric, evaluate
+
+    labels = None
+    meta: dict = {}
+    if isinstance(samples, (str, Path)):
+        source = str(samples)
+        samples, labels, meta = load_samples(samples)
+    else:
+        source = "<tensor>"
+    data = None
+    ref_tensor = None
+    ref_name = ref
+    if ref is None:
+        data = meta.get("data")
+        if data is None:
+            raise FewstepError("--ref is needed: the samples do not say which data they model "
+                               f"(give one of {', '.join(DATA_NAMES)} or a path to reference samples)")
+        ref_name = data
+    elif canonical_data_name(ref) in DATA_NAMES:
+        data = canonical_data_name(ref)
+        ref_name = data
+    elif Path(ref).exists():
+        ref_tensor, _, _ = load_samples(ref)
+    else:
+        raise FewstepError(f"unknown reference {ref!r}; allowed: {', '.join(DATA_NAMES)} or a samples path")
+    if metric is None:
+        if data is None:
+            raise FewstepError(f"give a metric; allowed: {', '.join(METRICS)}")
+        metric = default_metric(data)
+    result = evaluate(metric, samples, ref_tensor, data=data, labels=labels)
+    result["samples"] = source
+    result["ref"] = ref_name
+    return result
+
+
+def train_teacher(data: str, out: str | Path, **kwargs) -> dict:
+    """Train a flow-matching teacher on built-in data or an image folder (see fewstep.teachers.train)."""
+    from fewstep.teachers.train import train_teacher as _train
+
+    return _train(data, out, **kwargs)

@@ -1,0 +1,291 @@
+"""The `fewstep` command line: a thin Typer layer over ``fewstep.api``.
+
+Conventions for every command: ``--json`` prints one JSON object (the result) as the last line
+of stdout, with progress on stderr; exit code 0 on success, 2 on bad input with a one-line error
+naming the bad value and what is allowed (``--debug`` shows the traceback), and nothing is
+written when a command fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fewstep.errors import FewstepError
+
+app = typer.Typer(
+    name="fewstep",
+    help="Distill many-step diffusion and flow teachers into 1-4 step students.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+teacher_app = typer.Typer(help="Built-in and home-made teachers: list them, train one.", no_args_is_help=True,
+                          rich_markup_mode=None)
+eval_app = typer.Typer(help="Score samples against a reference (one subcommand per metric).",
+                       no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(eval_app, name="eval")
+
+out_console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": bool(os.environ.get("FEWSTEP_DEBUG"))}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    if debug:
+        _state["debug"] = True
+
+
+def command(fn):
+    """Turn library errors into one line on stderr and exit code 2 (1 for unexpected errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except FewstepError as e:
+            if _state["debug"]:
+                raise
+            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the rest
+            if _state["debug"]:
+                raise
+            err_console.print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                              markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+class _Bar:
+    """Handle on a progress bar: advance(n), set_total(n), note(text) for losses and the like."""
+
+    def __init__(self, prog=None, task=None):
+        self._prog, self._task = prog, task
+
+    def __call__(self, n: int = 1):
+        self.advance(n)
+
+    def advance(self, n: int = 1):
+        if self._prog is not None:
+            self._prog.advance(self._task, n)
+
+    def set_total(self, total: int):
+        if self._prog is not None:
+            self._prog.update(self._task, total=total)
+
+    def note(self, text: str):
+        if self._prog is not None:
+            self._prog.update(self._task, note=text)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, enabled: bool = True):
+    """A rich progress bar on stderr (count, rate, elapsed, ETA and a free note such as losses)."""
+    if not enabled:
+        yield _Bar()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:,.1f}/s" if task.speed else "-/s")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
+    with Progress(*columns, console=err_console, transient=False) as prog:
+        yield _Bar(prog, prog.add_task(description, total=total, note=""))
+
+
+def emit(result: dict, as_json: bool, title: str) -> None:
+    """Print the result: a table for people, or one JSON object as the last stdout line."""
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    if as_json:
+        sys.stdout.write(json.dumps(public, default=str) + "\n")
+        sys.stdout.flush()
+        return
+    table = Table(title=title, show_header=False)
+    for k, v in public.items():
+        table.add_row(str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+    out_console.print(table)
+
+
+JSON_OPT = typer.Option(False, "--json", help="Print the result as one JSON object (last line of stdout).")
+
+
+# -- sample ----------------------------------------------------------------------------------------
+@app.command()
+@command
+def sample(
+    teacher: str | None = typer.Option(None, "--teacher", help="Built-in teacher name or model directory."),
+    model: str | None = typer.Option(None, "--model", help="A model or run directory (same as --teacher)."),
+    steps: int | None = typer.Option(None, help="Sampling steps (default: the model's own)."),
+    solver: str | None = typer.Option(None, help="euler | heun | dpm++2m | fewstep (default: the model's)."),
+    spacing: str = typer.Option("uniform", help="Time spacing: uniform | karras | trailing | shifted."),
+    num: int = typer.Option(4096, help="Number of samples."),
+    seed: int = typer.Option(0, help="Base seed; sample i uses its own seed derived from it."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = none)."),
+    label: int | None = typer.Option(None, help="Class label for every sample (default: cycle classes)."),
+    batch_size: int = typer.Option(1024, help="Samples per network batch."),
+    out: Path | None = typer.Option(None, help="2-D: a new .npz file; images: a new directory (PNGs + grid.png)."),
+    as_json: bool = JSON_OPT,
+):
+    """Draw samples from a teacher or student with the shared sampler engine."""
+    from fewstep import api
+
+    if (teacher is None) == (model is None):
+        raise FewstepError("give exactly one of --teacher NAME|PATH or --model DIR")
+    spec = teacher or model
+    with progress_bar("sampling", num) as bar:
+        result = api.sample(spec, num=num, steps=steps, solver=solver, spacing=spacing, seed=seed,
+                            guidance=guidance, label=label, batch_size=batch_size, out=out, progress=bar.advance)
+    emit(result, as_json, "fewstep sample")
+
+
+# -- eval ------------------------------------------------------------------------------------------
+def _make_eval_command(metric: str):
+    def run(
+        samples: Path = typer.Option(..., "--samples", help="Samples: an .npz or an image directory."),
+        ref: str | None = typer.Option(None, "--ref", help="Built-in data name or samples path "
+                                          "(default: the data the samples' model was trained on)."),
+        as_json: bool = JSON_OPT,
+    ):
+        from fewstep import api
+
+        result = api.evaluate_samples(metric, samples, ref=ref)
+        emit(result, as_json, f"fewstep eval {metric}")
+
+    run.__doc__ = f"Score samples with the {metric} metric."
+    return command(run)
+
+
+def _register_eval_commands():
+    from fewstep.eval import METRICS
+
+    for m in METRICS:
+        eval_app.command(m)(_make_eval_command(m))
+
+
+_register_eval_commands()
+
+
+# -- teacher ---------------------------------------------------------------------------------------
+@teacher_app.command("list")
+@command
+def teacher_list(as_json: bool = JSON_OPT):
+    """List the built-in teachers shipped with the package."""
+    from fewstep.teachers import BUILTIN_TEACHERS, load_teacher
+
+    rows = []
+    for name in BUILTIN_TEACHERS:
+        den = load_teacher(name)
+        rows.append({"name": name, "data": den.meta.get("data"), "shape": list(den.data_shape or []),
+                     "conditioning": den.cond_kind, "params": sum(p.numel() for p in den.parameters())})
+    if as_json:
+        emit({"teachers": rows}, True, "")
+        return
+    table = Table(title="built-in teachers")
+    for col in ("name", "data", "shape", "conditioning", "params"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in ("name", "data", "shape", "conditioning", "params")))
+    out_console.print(table)
+
+
+@teacher_app.command("train")
+@command
+def teacher_train(
+    data: str = typer.Option(..., "--data", help="toy:checkerboard | toy:gaussians8 | toy:moons | toy:spirals | "
+                             "digits | digits16 | an image folder."),
+    out: Path = typer.Option(..., "--out", help="New directory for model.safetensors + config.json."),
+    iters: int | None = typer.Option(None, help="Training iterations (default: per data)."),
+    batch_size: int | None = typer.Option(None, help="Batch size (default: per data)."),
+    lr: float | None = typer.Option(None, help="Learning rate (default: per data)."),
+    resolution: int | None = typer.Option(None, help="Image resolution for image folders."),
+    seed: int = typer.Option(0, help="Seed."),
+    as_json: bool = JSON_OPT,
+):
+    """Train a flow-matching teacher and write safetensors + config."""
+    from fewstep import api
+
+    _check_new_dir(out)
+    with progress_bar("training teacher", iters) as bar:
+
+        def progress(step: int, total: int, loss: float):
+            bar.set_total(total)
+            bar.advance(1)
+            bar.note(f"loss {loss:.4f}")
+
+        result = api.train_teacher(data, out, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
+                                   resolution=resolution, progress=progress)
+    emit(result, as_json, "fewstep teacher train")
+
+
+def _check_new_dir(out: Path):
+    from fewstep.outputs import ensure_new_path
+
+    ensure_new_path(out, "--out")
+
+
+# -- distill / export: registered here, implemented with the distillation engine --------------------
+@app.command()
+@command
+def distill(
+    method: str | None = typer.Option(None, help="Distillation method."),
+    teacher: str | None = typer.Option(None, help="Teacher name or directory."),
+    out: Path | None = typer.Option(None, help="Run directory."),
+    as_json: bool = JSON_OPT,
+):
+    """Distill a teacher into a few-step student."""
+    from fewstep.methods import available_methods
+
+    names = available_methods()
+    raise FewstepError("no distillation method is available in this version (methods: "
+                       f"{', '.join(names) if names else 'none yet'}); they arrive with the distillation engine")
+
+
+@app.command()
+@command
+def export(
+    run: Path | None = typer.Argument(None, help="Run directory."),
+    format: str = typer.Option("safetensors", "--format", help="Export format."),
+    out: Path | None = typer.Option(None, help="Output directory."),
+    as_json: bool = JSON_OPT,
+):
+    """Export a distilled student (safetensors, diffusers, LoRA)."""
+    raise FewstepError("nothing to export yet: students come from `fewstep distill`, which arrives with the "
+                       "distillation engine")
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The Frechet distance between Gaussians fitted to features (FID's formula; Heusel et al. 2017).
+
+d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}), with unbiased covariances. The trace
+of the matrix square root is computed in float64 as Tr sqrt(sqrt(S1) S2 sqrt(S1)) through symmetric
+eigendecompositions (S1 S2 is similar to that PSD matrix, so their square roots have the same
+trace); tiny negative eigenvalues from round-off are clipped. This stays accurate for near-singular
+covariances, where scipy.linalg.sqrtm of the non-symmetric product can return complex garbage.
+One implementation serves FD-digits and (later) Inception FID.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, unbiased covariance) of an (N, D) feature matrix, in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need an (N >= 2, D) feature matrix, got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False, ddof=1).reshape(f.shape[1], f.shape[1])
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(s1, s2) -> float:
+    """Tr((S1 S2)^{1/2}) for symmetric PSD S1, S2."""
+    r1 = _psd_sqrt(np.asarray(s1, dtype=np.float64))
+    m = r1 @ np.asarray(s2, dtype=np.float64) @ r1
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(w, 0, None)).sum())
+
+
+def frechet_distance(mu1, s1, mu2, s2) -> float:
+    """Squared Frechet distance between N(mu1, S1) and N(mu2, S2) (clipped at 0)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    diff = mu1 - mu2
+    d = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
+    return max(d, 0.0)
+
+
+def frechet_distance_features(f1, f2) -> float:
+    """Frechet distance between two (N, D) feature sets."""
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))

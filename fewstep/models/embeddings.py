@@ -1,0 +1,45 @@
+"""Time and class embeddings shared by the built-in networks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Transformer-style sinusoidal features of a (B,) time tensor, computed in fp32 (DDPM, Ho et al. 2020)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.to(torch.float32)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=1)
+    return emb
+
+
+class TimeClassEmbedding(nn.Module):
+    """emb = MLP(sinusoidal(time_scale * t)) + class_embedding(label); label num_classes is the null class.
+
+    The sinusoidal features are always fp32 (sCM/rCM report instabilities otherwise); the MLP runs
+    in the parameters' dtype.
+    """
+
+    def __init__(self, dim: int, time_scale: float = 1000.0, num_classes: int | None = None, freq_dim: int = 128):
+        super().__init__()
+        self.time_scale = float(time_scale)
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, dim) if num_classes else None
+
+    def forward(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        feats = sinusoidal_embedding(t * self.time_scale, self.freq_dim)
+        w = self.mlp[0].weight
+        emb = self.mlp(feats.to(w.dtype))
+        if self.class_emb is not None:
+            if labels is None:
+                labels = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
+            emb = emb + self.class_emb(labels)
+        return emb.to(dtype)

@@ -1,0 +1,77 @@
+"""Save and load Denoisers as a directory: model.safetensors (weights) + config.json (everything else)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fewstep.diffusion.processes import process_from_config
+from fewstep.errors import FewstepError
+from fewstep.fileio import atomic_write
+from fewstep.models.denoiser import Denoiser
+from fewstep.models.networks import build_network
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT_VERSION = 1
+
+
+def save_denoiser(denoiser: Denoiser, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `directory`/model.safetensors and config.json, each atomically (temp file + rename).
+
+    The config is written last, so a directory with a config always has complete weights.
+    `weights` overrides the network's state dict (e.g. to save EMA weights).
+    """
+    from safetensors.torch import save_file
+
+    if not hasattr(denoiser.net, "config"):
+        raise FewstepError("only networks with a config() method (fewstep.models.MLPNet/UNetNet) can be saved")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = weights if weights is not None else denoiser.net.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp))
+    config = {"format_version": FORMAT_VERSION, "network": denoiser.net.config(), "denoiser": denoiser.config(),
+              "meta": denoiser.meta}
+    atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FewstepError(f"{str(path)!r} not found: a model directory holds {CONFIG} and {WEIGHTS}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FewstepError(f"cannot read {str(path)!r}: {e}") from None
+
+
+def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> Denoiser:
+    """Rebuild a Denoiser saved by `save_denoiser` (safetensors only; no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise FewstepError(f"{str(weights)!r} not found")
+    net = build_network(cfg["network"])
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise FewstepError(f"cannot read weights {str(weights)!r}: {e}") from None
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise FewstepError(f"weights in {str(weights)!r} do not match the network in {CONFIG}: "
+                           f"{str(e).splitlines()[0]}") from None
+    d = cfg["denoiser"]
+    return Denoiser(
+        net.to(device), process_from_config(d["process"]), d["prediction"], cond_kind=d.get("cond_kind", "none"),
+        num_classes=d.get("num_classes"), sigma_d=d.get("sigma_d", 1.0), data_shape=d.get("data_shape"),
+        meta=cfg.get("meta", {}),
+    )

@@ -1,0 +1,46 @@
+"""A residual MLP with time (and optional class) embedding for low-dimensional data."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fewstep.models.embeddings import TimeClassEmbedding
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.emb = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, h, emb):
+        z = self.fc1(torch.nn.functional.silu(self.norm(h))) + self.emb(emb)
+        return h + self.fc2(torch.nn.functional.silu(z))
+
+
+class MLPNet(nn.Module):
+    """net(x, t, labels) for x of shape (B, dim): residual MLP blocks conditioned on emb(t, label)."""
+
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, time_scale: float = 1000.0,
+                 num_classes: int | None = None):
+        super().__init__()
+        self._config = {"type": "mlp", "dim": dim, "width": width, "depth": depth, "time_scale": time_scale,
+                        "num_classes": num_classes}
+        self.embed = TimeClassEmbedding(width, time_scale, num_classes)
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(width) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, x, t, cond=None):
+        emb = torch.nn.functional.silu(self.embed(t, cond, x.dtype))
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, emb)
+        return self.out(torch.nn.functional.silu(self.out_norm(h)))
+
+    def config(self) -> dict:
+        return dict(self._config)
