@@ -23,6 +23,7 @@ TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "lognormal", "u_shaped", "grid")
 SPACINGS = ("uniform", "karras", "trailing", "shifted")
 
 _FLOW = RectifiedFlow()
+KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX = 0.002, 80.0
 
 
 def _from_flow_time(s: torch.Tensor, process: NoiseProcess) -> torch.Tensor:
@@ -78,7 +79,8 @@ def sampling_timesteps(
     k-diffusion and diffusers' Euler schedulers. Spacings:
     - ``uniform``: t_max - i (t_max - t_min) / steps, i = 0..steps-1 (for flow: 1, ..., 1/steps).
     - ``trailing``: for discrete VP, diffusers' "trailing" integer timesteps round(T - i T/steps) - 1.
-    - ``karras``: EDM sigma spacing with exponent rho between the process' extreme ratios.
+    - ``karras``: EDM sigma spacing with exponent rho (Karras et al. 2022) between sigma 80 and 0.002,
+      clipped to the ratios the process can represent.
     - ``shifted``: uniform flow time with SD3's shift s' = shift s / (1 + (shift - 1) s).
     """
     if steps < 1:
@@ -93,17 +95,12 @@ def sampling_timesteps(
         T = process.num_train_timesteps
         return torch.round(T - i * T / steps) - 1.0
     if spacing == "karras":
-        r_max = float(process.ratio(torch.tensor(hi, dtype=torch.float64)))
-        r_min = float(process.ratio(torch.tensor(max(process.t_min, 1e-12 if process.t_min == 0 else
-                                                     process.t_min), dtype=torch.float64)))
-        r_max = min(r_max, 1e4)
-        r_min = max(r_min, 2e-3)
+        # EDM's default sigma range, intersected with what the process can represent
+        r_hi = min(float(process.ratio(torch.tensor(hi, dtype=torch.float64))), KARRAS_SIGMA_MAX)
+        r_lo = max(float(process.ratio(torch.tensor(process.t_min, dtype=torch.float64))), KARRAS_SIGMA_MIN)
         ramp = i / max(steps - 1, 1)
-        r = (r_max ** (1 / rho) + ramp * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho
-        t = process.t_from_ratio(r)
-        if steps > 0 and float(process.ratio(torch.tensor(hi, dtype=torch.float64))) > 1e4:
-            t[0] = hi
-        return t
+        r = (r_hi ** (1 / rho) + ramp * (r_lo ** (1 / rho) - r_hi ** (1 / rho))) ** rho
+        return process.t_from_ratio(r)
     if spacing == "shifted":
         s = 1.0 - i / steps
         s = shift * s / (1.0 + (shift - 1.0) * s)
