@@ -75,52 +75,61 @@ def command(fn):
 
 
 class _Bar:
-    """Handle on a progress bar: advance(n), set_total(n), note(text) for losses and the like."""
+    """A progress bar on stderr that appears on first use (so input errors print alone).
 
-    def __init__(self, prog=None, task=None):
-        self._prog, self._task = prog, task
+    Call it (or .advance(n)) to advance; .set_total(n) and .note(text) (e.g. current losses).
+    Columns: description, bar, count, rate, elapsed, ETA, note.
+    """
+
+    def __init__(self, description: str, total: int | None, enabled: bool = True):
+        self.description, self.total, self.enabled = description, total, enabled
+        self._prog = self._task = None
+
+    def _ensure(self):
+        if self._prog is None and self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.text import Text
+
+            class RateColumn(ProgressColumn):
+                def render(self, task):
+                    return Text(f"{task.speed:,.1f}/s" if task.speed else "-/s")
+
+            self._prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                  TextColumn("{task.fields[note]}"), console=err_console)
+            self._prog.start()
+            self._task = self._prog.add_task(self.description, total=self.total, note="")
+        return self._prog
 
     def __call__(self, n: int = 1):
         self.advance(n)
 
     def advance(self, n: int = 1):
-        if self._prog is not None:
+        if self._ensure() is not None:
             self._prog.advance(self._task, n)
 
     def set_total(self, total: int):
-        if self._prog is not None:
+        if self._ensure() is not None:
             self._prog.update(self._task, total=total)
 
     def note(self, text: str):
-        if self._prog is not None:
+        if self._ensure() is not None:
             self._prog.update(self._task, note=text)
+
+    def close(self):
+        if self._prog is not None:
+            self._prog.stop()
 
 
 @contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool = True):
-    """A rich progress bar on stderr (count, rate, elapsed, ETA and a free note such as losses)."""
-    if not enabled:
-        yield _Bar()
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:,.1f}/s" if task.speed else "-/s")
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
-    with Progress(*columns, console=err_console, transient=False) as prog:
-        yield _Bar(prog, prog.add_task(description, total=total, note=""))
+    """A `_Bar` that is stopped (and its last state printed) when the block ends."""
+    bar = _Bar(description, total, enabled)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def emit(result: dict, as_json: bool, title: str) -> None:
@@ -283,8 +292,20 @@ def export(
                        "distillation engine")
 
 
-def main() -> None:  # console-script entry point
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: like app(), but parse errors are one line too (exit code 2)."""
+    # typer vendors its own click; find its UsageError (the base of every parse error) from a public class
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except usage_error as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        err_console.print(f"error: {e.format_message()}{hint}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err_console.print("aborted", markup=False)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
