@@ -61,9 +61,9 @@ def sample_timesteps(
         s = 0.5 + torch.asinh((2.0 * u - 1.0) * math.sinh(a / 2.0)) / a
         return _from_flow_time(s, process)
     if kind == "grid":
-        if not grid:
+        g = torch.as_tensor([] if grid is None else grid, dtype=torch.float64).flatten().cpu()
+        if g.numel() == 0:
             raise FewstepError("the grid timestep sampler needs a non-empty list of times")
-        g = torch.as_tensor(list(grid), dtype=torch.float64)
         idx = torch.randint(0, g.numel(), (n,), generator=generator)
         return g[idx]
     raise FewstepError(f"unknown timestep sampler {kind!r}; allowed: {', '.join(TIMESTEP_SAMPLERS)}")
@@ -104,5 +104,8 @@ def sampling_timesteps(
     if spacing == "shifted":
         s = 1.0 - i / steps
         s = shift * s / (1.0 + (shift - 1.0) * s)
-        return _from_flow_time(s, process)
+        # spread over the flow times the process can represent (all of [0, 1] for flow and TrigFlow),
+        # so that bounded processes (EDM, VP) do not get repeated, clamped times
+        ends = convert_time(torch.tensor([process.t_min, hi], dtype=torch.float64), process, _FLOW)
+        return _from_flow_time(ends[0] + (ends[1] - ends[0]) * s, process)
     raise FewstepError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")

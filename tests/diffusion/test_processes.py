@@ -267,6 +267,18 @@ def test_pure_noise_maps_between_flow_and_trigflow():
         torch.testing.assert_close(x_flow, eps)
 
 
+def test_clean_data_maps_to_clean_data():
+    x0 = noise((3, 4), 5)[0]
+    zero = torch.zeros(3, dtype=F64)
+    for src in ("flow", "trig1", "trig0.5"):
+        for dst in NAMES:
+            p, q = PROCESSES[src], PROCESSES[dst]
+            y, s = convert_state(x0, zero, p, q)
+            torch.testing.assert_close(s, torch.full_like(s, q.t_min), rtol=0, atol=1e-9)
+            # sigma = 0 here: the scale must come from the alphas, not from 0 / 0 or x / 0
+            torch.testing.assert_close(y, q.alpha(s)[:, None] * x0, msg=f"{src}->{dst}")
+
+
 def test_convert_state_float32_and_scalar_time():
     x = noise((4, 3), 4)[0].float()
     y, s = convert_state(x, 0.3, RectifiedFlow(), EDM())
