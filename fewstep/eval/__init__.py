@@ -1,12 +1,33 @@
-"""Evaluation for built-in data: toy distances, mode coverage, FD-digits, and the shared Frechet distance."""
+"""Evaluation for built-in data: toy distances, mode coverage, FD-digits, and the shared Frechet distance.
 
-from fewstep.eval.digits import class_coverage, digits_features, fd_digits, label_accuracy
-from fewstep.eval.frechet import feature_stats, frechet_distance, frechet_distance_features
-from fewstep.eval.registry import METRICS, check_metric, default_metric, evaluate, lower_is_better
-from fewstep.eval.toy import energy_distance, gaussians8_coverage, mmd_rbf, mode_coverage, sliced_wasserstein
+Names are imported lazily (PEP 562), so `import fewstep.eval` is cheap and
+`python -m fewstep.eval.digits --train ...` runs without importing its own module twice.
+"""
 
-__all__ = [
-    "METRICS", "check_metric", "class_coverage", "default_metric", "digits_features", "energy_distance",
-    "evaluate", "fd_digits", "feature_stats", "frechet_distance", "frechet_distance_features",
-    "gaussians8_coverage", "label_accuracy", "lower_is_better", "mmd_rbf", "mode_coverage", "sliced_wasserstein",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "class_coverage": "digits", "digits_features": "digits", "fd_digits": "digits", "label_accuracy": "digits",
+    "feature_stats": "frechet", "frechet_distance": "frechet", "frechet_distance_features": "frechet",
+    "METRICS": "registry", "check_metric": "registry", "default_metric": "registry", "evaluate": "registry",
+    "lower_is_better": "registry",
+    "energy_distance": "toy", "gaussians8_coverage": "toy", "mmd_rbf": "toy", "mode_coverage": "toy",
+    "sliced_wasserstein": "toy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fewstep.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fewstep.eval.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

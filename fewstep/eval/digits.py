@@ -1,9 +1,15 @@
 """FD-digits: the Frechet distance in the feature space of a small digits classifier shipped with fewstep.
 
 The classifier is a 3-layer CNN on 8x8 grey digits in [-1, 1] (16x16 inputs are average-pooled to
-8x8 first), trained on the 1497-image training split with random one-pixel shifts. Its 64-d
-penultimate layer (before the ReLU) is the feature space; the default reference is all 1797 digits.
-The shipped weights are reproduced by:
+8x8 first; larger multiples of 8 are pooled likewise), trained on the 1497-image training split
+with random one-pixel shifts (Adam 2e-3, cosine schedule, 40 epochs, batch 64, seed 0). Its 64-d
+penultimate layer (before the ReLU) is the feature space. FD-digits is the Frechet distance
+(`fewstep.eval.frechet`) between Gaussians fitted to the features of the samples and of a reference;
+the default reference is all 1797 digits at the samples' resolution (bilinear upsampling as in
+`fewstep.data.digits`), whose statistics are cached in memory.
+
+The shipped weights (292 KB, test accuracy 0.9933 at 8x8) are reproduced bit for bit on CPU by
+(about 2.5 minutes on two cores):
 
     python -m fewstep.eval.digits --train --out fewstep/assets/digits_classifier.safetensors
 """
@@ -11,6 +17,7 @@ The shipped weights are reproduced by:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +31,7 @@ from fewstep.eval.frechet import feature_stats, frechet_distance
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_classifier.safetensors"
 FEATURE_DIM = 64
+NUM_REFERENCE = 1797  # the default reference: every digit in scikit-learn's set
 
 
 class DigitsClassifier(nn.Module):
@@ -72,39 +80,67 @@ def load_classifier() -> DigitsClassifier:
     return net.eval().requires_grad_(False)
 
 
+@lru_cache(maxsize=1)
+def classifier_sha256() -> str:
+    """SHA-256 of the shipped weights file (recorded with every FD-digits score)."""
+    return hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
+
+
 @torch.no_grad()
 def digits_features(images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """The classifier's 64-d features of images in [-1, 1] (N, C, R, R)."""
+    """The classifier's 64-d features (float64, (N, 64)) of images in [-1, 1] (N, C, R, R)."""
     x = to_classifier_input(images)
+    if x.shape[0] == 0:
+        raise FewstepError("no images to score")
     net = load_classifier()
     return torch.cat([net.features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]).double()
 
 
 @torch.no_grad()
-def digits_predict(images: torch.Tensor) -> torch.Tensor:
+def digits_predict(images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Predicted class (N,) of images in [-1, 1] (N, C, R, R)."""
     x = to_classifier_input(images)
-    return load_classifier()(x).argmax(1)
+    net = load_classifier()
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def reference_stats(resolution: int = 8):
-    from fewstep.data.digits import load_digits_tensors
+    """(mu, sigma) of the features of all 1797 digits at `resolution` (cached; do not modify)."""
+    from fewstep.data.digits import load_digits_tensors, resize_digits
 
-    x, _ = load_digits_tensors("all", resolution)
-    return feature_stats(digits_features(x).numpy())
+    x, _ = load_digits_tensors("all", 8)
+    return feature_stats(digits_features(resize_digits(x, resolution)))
 
 
 def fd_digits(samples: torch.Tensor, ref: torch.Tensor | None = None) -> float:
-    """Frechet distance between classifier features of `samples` and of `ref` (default: all 1797 digits)."""
-    f = digits_features(samples).numpy()
-    if f.shape[0] < 2:
-        raise FewstepError("fd-digits needs at least 2 samples")
-    ref_stats = reference_stats(8) if ref is None else feature_stats(digits_features(ref).numpy())
-    return frechet_distance(*feature_stats(f), *ref_stats)
+    """Frechet distance between classifier features of `samples` and of `ref` images.
+
+    The default reference is all 1797 digits at the samples' resolution (statistics cached).
+    """
+    x = to_classifier_input(samples)
+    if x.shape[0] < 2:
+        raise FewstepError(f"fd-digits needs at least 2 samples, got {x.shape[0]}")
+    stats = feature_stats(digits_features(x))
+    if ref is None:
+        ref_stats = reference_stats(int(torch.as_tensor(samples).shape[-1]))
+    else:
+        r = to_classifier_input(ref)
+        if r.shape[0] < 2:
+            raise FewstepError(f"fd-digits needs at least 2 reference images, got {r.shape[0]}")
+        ref_stats = feature_stats(digits_features(r))
+    return frechet_distance(*stats, *ref_stats)
 
 
 def class_coverage(samples: torch.Tensor, min_fraction: float = 0.02) -> dict:
-    """Histogram of predicted classes: fractions, the smallest one, classes holding >= min_fraction, entropy."""
+    """Histogram of the classifier's predicted classes.
+
+    Returns "per_class" (10 fractions), "min_fraction", "classes_covered" (classes predicted for at
+    least `min_fraction` of the samples; default threshold 2%), "entropy" (natural log; a uniform
+    histogram gives "max_entropy" = ln 10 = 2.303) and "max_entropy".
+    """
     pred = digits_predict(samples)
     frac = (torch.bincount(pred, minlength=10).double() / max(1, pred.numel())).tolist()
     entropy = -sum(p * math.log(p) for p in frac if p > 0)
@@ -119,7 +155,11 @@ def class_coverage(samples: torch.Tensor, min_fraction: float = 0.02) -> dict:
 
 def label_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> float:
     """How often the classifier agrees with the label a class-conditional sample was generated for."""
-    return float((digits_predict(samples) == torch.as_tensor(labels)).double().mean())
+    pred = digits_predict(samples)
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    if labels.shape[0] != pred.shape[0]:
+        raise FewstepError(f"{pred.shape[0]} samples but {labels.shape[0]} labels")
+    return float((pred == labels).double().mean())
 
 
 def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from fewstep.errors import FewstepError
+
 
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """(mean, unbiased covariance) of an (N, D) feature matrix, in float64."""
+    if hasattr(features, "detach"):  # a torch tensor, any dtype or device
+        features = features.detach().cpu().double().numpy()
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need an (N >= 2, D) feature matrix, got shape {f.shape}")
+        raise FewstepError(f"need an (N >= 2, D) feature matrix, got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False, ddof=1).reshape(f.shape[1], f.shape[1])
 
 
@@ -35,11 +39,14 @@ def trace_sqrt_product(s1, s2) -> float:
 
 
 def frechet_distance(mu1, s1, mu2, s2) -> float:
-    """Squared Frechet distance between N(mu1, S1) and N(mu2, S2) (clipped at 0)."""
+    """Squared Frechet (2-Wasserstein) distance between N(mu1, S1) and N(mu2, S2), in float64.
+
+    |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}); round-off below 0 is clipped to 0.
+    """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+        raise FewstepError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
     d = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
     return max(d, 0.0)
