@@ -35,7 +35,8 @@ class TimeClassEmbedding(nn.Module):
         self.class_emb = nn.Embedding(num_classes + 1, dim) if num_classes else None
 
     def forward(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        feats = sinusoidal_embedding(t * self.time_scale, self.freq_dim)
+        # Scale in fp32: t * 1000 in bf16 would round the time to a few units.
+        feats = sinusoidal_embedding(t.to(torch.float32) * self.time_scale, self.freq_dim)
         w = self.mlp[0].weight
         emb = self.mlp(feats.to(w.dtype))
         if self.class_emb is not None:

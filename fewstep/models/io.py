@@ -40,13 +40,23 @@ def save_denoiser(denoiser: Denoiser, directory: str | Path, weights: dict[str, 
 
 
 def read_config(directory: str | Path) -> dict:
+    """The parsed config.json of a model directory, checked for the keys `load_denoiser` needs."""
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FewstepError(f"{str(path)!r} not found: a model directory holds {CONFIG} and {WEIGHTS}")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FewstepError(f"cannot read {str(path)!r}: {e}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("network"), dict) or not isinstance(
+            cfg.get("denoiser"), dict) or "process" not in cfg["denoiser"] or "prediction" not in cfg["denoiser"]:
+        raise FewstepError(f"{str(path)!r} is not a fewstep model config: it needs 'network' and 'denoiser' "
+                           "(with 'process' and 'prediction') entries")
+    version = cfg.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FewstepError(f"{str(path)!r} has format_version {version}; this fewstep reads up to "
+                           f"{FORMAT_VERSION} (upgrade fewstep)")
+    return cfg
 
 
 def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> Denoiser:
@@ -70,8 +80,12 @@ def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> 
         raise FewstepError(f"weights in {str(weights)!r} do not match the network in {CONFIG}: "
                            f"{str(e).splitlines()[0]}") from None
     d = cfg["denoiser"]
-    return Denoiser(
-        net.to(device), process_from_config(d["process"]), d["prediction"], cond_kind=d.get("cond_kind", "none"),
-        num_classes=d.get("num_classes"), sigma_d=d.get("sigma_d", 1.0), data_shape=d.get("data_shape"),
-        meta=cfg.get("meta", {}),
-    )
+    try:
+        den = Denoiser(
+            net.to(device), process_from_config(d["process"]), d["prediction"], cond_kind=d.get("cond_kind", "none"),
+            num_classes=d.get("num_classes"), sigma_d=d.get("sigma_d", 1.0), data_shape=d.get("data_shape"),
+            meta=cfg.get("meta", {}),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise FewstepError(f"bad denoiser entry in {str(directory / CONFIG)!r}: {e}") from None
+    return den.eval()
