@@ -29,8 +29,8 @@ from fewstep.models.io import save_denoiser
 from fewstep.models.networks import build_network
 
 DEFAULTS = {
-    "2d": {"iters": 12000, "batch_size": 512, "lr": 2e-3, "t_sampler": "uniform",
-           "network": {"type": "mlp", "width": 192, "depth": 3, "time_scale": 1000.0}},
+    "2d": {"iters": 6000, "batch_size": 512, "lr": 2e-3, "t_sampler": "uniform",
+           "network": {"type": "mlp", "width": 128, "depth": 3, "time_scale": 1000.0}},
     "image": {"iters": 6000, "batch_size": 128, "lr": 1e-3, "t_sampler": "logit_normal",
               "network": {"type": "unet", "base": 16, "mults": [1, 2], "num_res": 1, "time_scale": 1000.0}},
 }
@@ -42,12 +42,23 @@ def _check_out(out: Path) -> None:
                            "(nothing is overwritten)")
 
 
-def _command_line(data, out, iters, batch_size, lr, seed, resolution) -> str:
-    parts = ["fewstep", "teacher", "train", "--data", data, "--out", str(out), "--iters", str(iters),
+def _command_line(data, out, iters, batch_size, lr, seed, resolution, prefix=("fewstep", "teacher", "train")) -> str:
+    """The command line that reproduces a run (every default made explicit)."""
+    parts = [*prefix, "--data", data, "--out", str(out), "--iters", str(iters),
              "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(seed)]
     if resolution:
         parts += ["--resolution", str(resolution)]
     return shlex.join(parts)
+
+
+def image_mults(height: int, width: int, lowest: int = 4, max_levels: int = 5) -> list[int]:
+    """UNet channel multipliers [1, 2, 2, ...]: halve the image while both sides stay even and > `lowest`."""
+    mults = [1]
+    h, w = height, width
+    while len(mults) < max_levels and h % 2 == 0 and w % 2 == 0 and min(h, w) > lowest:
+        mults.append(2)
+        h, w = h // 2, w // 2
+    return mults
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 200, final_frac: float = 0.05) -> float:
@@ -85,7 +96,7 @@ def train_teacher(
     if lr is not None and not lr > 0:
         raise FewstepError(f"--lr must be > 0, got {lr}")
     data = canonical_data_name(str(data))
-    source = get_data(data, resolution=resolution, channels=1 if resolution is None else 3)
+    source = get_data(data, resolution=resolution)
     d = DEFAULTS[source.kind]
     iters = int(iters or d["iters"])
     batch_size = int(batch_size or d["batch_size"])
@@ -95,6 +106,8 @@ def train_teacher(
         net_cfg["dim"] = source.shape[0]
     else:
         net_cfg["in_channels"] = source.shape[0]
+        if network is None:
+            net_cfg["mults"] = image_mults(source.shape[1], source.shape[2])
     net_cfg["num_classes"] = source.num_classes
 
     torch.manual_seed(seed)
@@ -142,6 +155,8 @@ def train_teacher(
         "default_steps": 50,
         "default_solver": "heun",
         "train_command": _command_line(data, out, iters, batch_size, lr, seed, resolution),
+        "train_command_python": _command_line(data, out, iters, batch_size, lr, seed, resolution,
+                                              (".venv/bin/python", "-m", "fewstep.teachers.train")),
         "trained_with": {k: v for k, v in summary.items() if k != "out"},
     }
     den = Denoiser(ema, process, "flow", cond_kind="class" if source.num_classes else "none",
