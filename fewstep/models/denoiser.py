@@ -101,7 +101,8 @@ class Denoiser(nn.Module):
             t = t.expand(x_t.shape[0])
         if self.conditional and cond is None:
             cond = self.null_condition(x_t.shape[0], x_t.device)
-        return self.net(x_t, t.to(x_t.dtype), cond)
+        # time stays at least fp32 (bf16 would round t * 1000 to a few units before the embedding)
+        return self.net(x_t, t.to(torch.promote_types(x_t.dtype, torch.float32)), cond)
 
     def forward(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0) -> torch.Tensor:
         """Guided x0 estimate. `guidance` is a float or a (B,) tensor (1 = no guidance)."""

@@ -272,3 +272,20 @@ def test_bad_arguments_raise():
     x, y = batch(2)
     with pytest.raises(FewstepError):
         den.predict(x, 0.5, y, kind="score")
+
+
+def test_time_reaches_the_network_in_at_least_fp32():
+    """bf16 would round t (a step of ~0.002 near 0.5) before the network's fp32 time embedding."""
+    seen = {}
+
+    class Probe(nn.Module):
+        def forward(self, x, t, cond=None):
+            seen["dtype"], seen["t"] = t.dtype, t
+            return x
+
+    den = Denoiser(Probe(), RectifiedFlow(), "flow")
+    den.raw(torch.zeros(2, 3, dtype=torch.bfloat16), torch.tensor([0.5012, 0.2503]))
+    assert seen["dtype"] == torch.float32
+    torch.testing.assert_close(seen["t"], torch.tensor([0.5012, 0.2503]))
+    den.raw(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert seen["dtype"] == torch.float64
