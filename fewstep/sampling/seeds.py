@@ -1,26 +1,49 @@
-"""Per-sample seeds: sample i gets the same noise whatever the batch it is drawn in."""
+"""Per-sample seeds: sample i gets the same noise whatever the batch it is drawn in.
+
+Every sample owns a seed (``sample_seeds``); its initial noise comes from a torch.Generator seeded
+with it, and the fresh noise a few-step sampler adds at step k from a generator seeded with a hash
+of (seed, k). Noise is drawn in float32 on the CPU, then moved and cast, so a sample is also the
+same whatever the device and dtype it is computed in (up to that dtype's rounding).
+"""
 
 from __future__ import annotations
 
 import torch
 
 _MIX = 1_000_003  # a prime: seed s, index i -> s * _MIX + i (distinct for i < _MIX)
-_STEP_MIX = 7_919
+_MASK64 = (1 << 64) - 1
 
 
 def sample_seeds(seed: int, start: int, count: int) -> list[int]:
-    """The seeds of samples start..start+count-1 of a run with base `seed`."""
-    return [(int(seed) * _MIX + start + i) % (2**63 - 1) for i in range(int(count))]
+    """The seeds of samples start..start+count-1 of a run with base `seed`: seed * 1_000_003 + i."""
+    return [(int(seed) * _MIX + int(start) + i) % (2**63 - 1) for i in range(int(count))]
 
 
-def noise_for_seeds(seeds, shape, dtype=torch.float32, device=None, stream: int = 0) -> torch.Tensor:
-    """Unit Gaussian noise of shape (len(seeds), *shape), row i drawn from its own generator.
+def _splitmix64(z: int) -> int:
+    """The splitmix64 finaliser (Steele et al. 2014): a bijective 64-bit integer hash."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
-    `stream` selects an independent stream per seed (0: initial noise; k > 0: re-noise at step k).
-    """
-    rows = []
-    for s in seeds:
-        g = torch.Generator().manual_seed((int(s) + stream * _STEP_MIX * _MIX) % (2**63 - 1))
-        rows.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the fresh noise sample `seed` receives at sampler step `step` >= 1."""
+    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ int(step)) % (2**63 - 1)
+
+
+def _draw(seeds, shape, dtype, device) -> torch.Tensor:
+    shape = tuple(int(d) for d in shape)
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32) for s in seeds]
     out = torch.stack(rows) if rows else torch.empty((0, *shape))
     return out.to(device=device, dtype=dtype)
+
+
+def noise_for_seeds(seeds, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Unit Gaussian noise of shape (len(seeds), *shape); row i comes from its own generator seeded seeds[i]."""
+    return _draw(seeds, shape, dtype, device)
+
+
+def renoise_for_seeds(seeds, step: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The fresh noise of a few-step sampler at step `step` (>= 1), row i from ``step_seed(seeds[i], step)``."""
+    return _draw([step_seed(s, step) for s in seeds], shape, dtype, device)

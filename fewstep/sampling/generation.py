@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from fewstep.errors import FewstepError
 from fewstep.sampling.seeds import noise_for_seeds, sample_seeds
-from fewstep.sampling.solvers import check_solver, sample
+from fewstep.sampling.solvers import check_renoise, check_solver, resolve_timesteps, sample
+
+
+def _first_float_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return None
 
 
 def model_dtype(module: torch.nn.Module) -> torch.dtype:
-    p = next(iter(module.parameters()), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+    """The dtype of the first floating parameter (or buffer) of `module`; float32 if it has none."""
+    p = _first_float_tensor(module)
+    return p.dtype if p is not None else torch.float32
 
 
 def model_device(module: torch.nn.Module) -> torch.device:
-    p = next(iter(module.parameters()), None)
+    """The device of the first floating parameter (or buffer) of `module`; the CPU if it has none."""
+    p = _first_float_tensor(module)
     return p.device if p is not None else torch.device("cpu")
 
 
@@ -39,17 +50,27 @@ def generate(
 
     Sample i starts from the noise of seed i of `sample_seeds(seed, 0, num)` (and re-noises from the
     same per-sample streams), so the output does not depend on `batch_size`. For a class-conditional
-    denoiser without `labels`, sample i gets label i % num_classes. `progress(n)` is called after
-    each batch with the number of samples it made.
+    denoiser without `labels`, sample i gets label i % num_classes. `guidance` is a float or a (num,)
+    tensor. `progress(n)` is called after each batch with the number of samples it made. Samples come
+    back on the CPU in at least float32.
     """
     check_solver(solver)
+    check_renoise(renoise)
     if denoiser.data_shape is None:
         raise FewstepError("the model does not record its data shape (denoiser.data_shape)")
-    num = int(num)
+    num, batch_size = int(num), int(batch_size)
+    if num < 0 or batch_size < 1:
+        raise FewstepError(f"need num >= 0 and batch_size >= 1, got num={num}, batch_size={batch_size}")
+    timesteps = resolve_timesteps(denoiser.process, steps, timesteps, spacing)
     if labels is None and denoiser.cond_kind == "class":
         labels = torch.arange(num) % int(denoiser.num_classes)
-    if labels is not None and labels.shape[0] != num:
-        raise FewstepError(f"got {labels.shape[0]} labels for {num} samples")
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape[0] != num:
+            raise FewstepError(f"got {labels.shape[0]} labels for {num} samples")
+    per_sample_guidance = isinstance(guidance, torch.Tensor) and guidance.ndim == 1
+    if per_sample_guidance and guidance.shape[0] != num:
+        raise FewstepError(f"got {guidance.shape[0]} guidance scales for {num} samples")
     dtype, device = model_dtype(denoiser), model_device(denoiser)
     was_training = denoiser.training
     denoiser.eval()
@@ -60,9 +81,10 @@ def generate(
             seeds = sample_seeds(seed, start, count)
             noise = noise_for_seeds(seeds, denoiser.data_shape, dtype=dtype, device=device)
             cond = labels[start:start + count].to(device) if labels is not None else None
-            x = sample(denoiser, noise, steps=steps, timesteps=timesteps, solver=solver, spacing=spacing,
-                       cond=cond, guidance=guidance, renoise=renoise, seeds=seeds)
-            out.append(x.float().cpu())
+            w = guidance[start:start + count].to(device) if per_sample_guidance else guidance
+            x = sample(denoiser, noise, timesteps=timesteps, solver=solver, cond=cond, guidance=w,
+                       renoise=renoise, seeds=seeds)
+            out.append(x.to(torch.promote_types(x.dtype, torch.float32)).cpu())
             if progress is not None:
                 progress(count)
     finally:
