@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fewstep.commands.eval_features import register as register_feature_evals
 from fewstep.errors import FewstepError
 
 app = typer.Typer(
@@ -209,6 +210,7 @@ def _register_eval_commands():
 
 
 _register_eval_commands()
+register_feature_evals(eval_app)  # fid, stats, clip: fewstep/commands/eval_features.py
 
 
 # -- teacher ---------------------------------------------------------------------------------------
