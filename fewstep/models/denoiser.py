@@ -61,6 +61,7 @@ class Denoiser(nn.Module):
         sigma_d: float = 1.0,
         data_shape: tuple[int, ...] | None = None,
         meta: dict | None = None,
+        boundary: dict | None = None,
     ):
         super().__init__()
         if cond_kind not in COND_KINDS:
@@ -73,6 +74,8 @@ class Denoiser(nn.Module):
         self._null_cond = null_cond
         self.sigma_d = sigma_d
         self.data_shape = tuple(data_shape) if data_shape is not None else None
+        # Consistency-model boundary parametrisation (see `boundary_scalings`), or None.
+        self.boundary = check_boundary(boundary)
         # Free-form description saved with the weights: data name, default metric, recommended
         # sampler settings, training command and metrics.
         self.meta = dict(meta or {})
@@ -93,20 +96,33 @@ class Denoiser(nn.Module):
             return {k: v.expand(batch, *v.shape[1:]).to(device) for k, v in null.items()}
         return null.expand(batch, *null.shape[1:]).to(device)
 
+    @property
+    def guidance_embedded(self) -> bool:
+        """True when the network takes the guidance scale as an input (LCM-style students) instead of CFG."""
+        cfg = self.net.config() if hasattr(self.net, "config") else {}
+        return bool(cfg.get("guidance_embed", False))
+
     # -- evaluation ----------------------------------------------------------------------------
-    def raw(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
-        """The network's native prediction (no guidance)."""
+    def raw(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=None) -> torch.Tensor:
+        """The network's native prediction (no CFG; `guidance` only reaches guidance-embedded networks)."""
         t = as_time(t, x_t)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if self.conditional and cond is None:
             cond = self.null_condition(x_t.shape[0], x_t.device)
         # time stays at least fp32 (bf16 would round t * 1000 to a few units before the embedding)
-        return self.net(x_t, t.to(torch.promote_types(x_t.dtype, torch.float32)), cond)
+        t = t.to(torch.promote_types(x_t.dtype, torch.float32))
+        if self.guidance_embedded:
+            w = torch.ones(()) if guidance is None else torch.as_tensor(guidance, dtype=torch.float32)
+            return self.net(x_t, t, cond, guidance=w.to(x_t.device).expand(x_t.shape[0]))
+        return self.net(x_t, t, cond)
 
-    def forward(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0) -> torch.Tensor:
-        """Guided x0 estimate. `guidance` is a float or a (B,) tensor (1 = no guidance)."""
-        return self.predict(x_t, t, cond, guidance, kind="x0")
+    def forward(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0, kind: str = "x0") -> torch.Tensor:
+        """Guided x0 estimate (or prediction `kind`). `guidance` is a float or a (B,) tensor (1 = no guidance).
+
+        Methods call trained networks through here (not `predict`) so that DDP/FSDP wrappers see the call.
+        """
+        return self.predict(x_t, t, cond, guidance, kind=kind)
 
     def predict(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0, kind: str = "x0"):
         """Guided prediction of any type (x0, eps, v, flow, trigflow) in this process."""
@@ -118,7 +134,9 @@ class Denoiser(nn.Module):
             or cond is None
             or (not isinstance(guidance, torch.Tensor) and float(guidance) == 1.0)
         )
-        if unguided:
+        if self.guidance_embedded:
+            out = self.raw(x_t, t, cond, guidance)
+        elif unguided:
             out = self.raw(x_t, t, cond)
         else:
             b = x_t.shape[0]
@@ -127,6 +145,11 @@ class Denoiser(nn.Module):
             c, u = both[:b], both[b:]
             w = guidance if isinstance(guidance, torch.Tensor) else torch.tensor(float(guidance))
             out = u + expand_like(w, c) * (c - u)
+        if self.boundary is not None:
+            c_skip, c_out = boundary_scalings(self.process, t, self.boundary)
+            x0 = to_x0(out, x_t, t, self.process, self.prediction, self.sigma_d)
+            x0 = expand_like(c_skip, x0).to(x0.dtype) * x_t + expand_like(c_out, x0).to(x0.dtype) * x0
+            return convert_prediction(x0, x_t, t, self.process, "x0", kind, self.sigma_d)
         if kind == "x0" and self.prediction != "x0":
             return to_x0(out, x_t, t, self.process, self.prediction, self.sigma_d)
         return convert_prediction(out, x_t, t, self.process, self.prediction, kind, self.sigma_d)
@@ -139,4 +162,31 @@ class Denoiser(nn.Module):
             "num_classes": self.num_classes,
             "sigma_d": self.sigma_d,
             "data_shape": list(self.data_shape) if self.data_shape else None,
+            **({"boundary": dict(self.boundary)} if self.boundary is not None else {}),
         }
+
+
+BOUNDARY_TYPES = ("lcm",)
+
+
+def check_boundary(boundary: dict | None) -> dict | None:
+    if boundary is None:
+        return None
+    kind = boundary.get("type")
+    if kind not in BOUNDARY_TYPES:
+        raise ValueError(f"unknown boundary type {kind!r}; allowed: {', '.join(BOUNDARY_TYPES)}")
+    return {"type": kind, "sigma_data": float(boundary.get("sigma_data", 0.5)),
+            "time_scale": float(boundary.get("time_scale", 10.0))}
+
+
+def boundary_scalings(process: NoiseProcess, t: torch.Tensor, boundary: dict):
+    """LCM's boundary functions (Luo et al. 2023; Song et al. 2023): f = c_skip x_t + c_out x0_net with
+    c_skip = sd^2 / (u^2 + sd^2), c_out = u / sqrt(u^2 + sd^2), u = time_scale * 1000 * s(t), where s is
+    the flow time with t's SNR (s = 0 at clean data, so c_skip = 1 and c_out = 0 there; for a 1000-step
+    VP schedule u is about LCM's time_scale * timestep). Computed in float64, returned as (B,) tensors.
+    """
+    r = process.ratio(t.to(torch.float64))
+    s = torch.where(torch.isinf(r), torch.ones_like(r), r / (1.0 + r))
+    u = boundary["time_scale"] * 1000.0 * s
+    sd2 = boundary["sigma_data"] ** 2
+    return sd2 / (u * u + sd2), u / torch.sqrt(u * u + sd2)

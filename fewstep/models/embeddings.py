@@ -26,15 +26,24 @@ class TimeClassEmbedding(nn.Module):
     in the parameters' dtype.
     """
 
-    def __init__(self, dim: int, time_scale: float = 1000.0, num_classes: int | None = None, freq_dim: int = 128):
+    def __init__(self, dim: int, time_scale: float = 1000.0, num_classes: int | None = None, freq_dim: int = 128,
+                 guidance_embed: bool = False):
         super().__init__()
         self.time_scale = float(time_scale)
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.num_classes = num_classes
         self.class_emb = nn.Embedding(num_classes + 1, dim) if num_classes else None
+        # LCM's guidance-scale input (Luo et al. 2023): MLP(sinusoidal(w)), last layer zero-initialised so a
+        # student made from a teacher starts as the teacher's conditional prediction.
+        self.guidance_mlp = None
+        if guidance_embed:
+            self.guidance_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+            nn.init.zeros_(self.guidance_mlp[2].weight)
+            nn.init.zeros_(self.guidance_mlp[2].bias)
 
-    def forward(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         # Scale in fp32: t * 1000 in bf16 would round the time to a few units.
         feats = sinusoidal_embedding(t.to(torch.float32) * self.time_scale, self.freq_dim)
         w = self.mlp[0].weight
@@ -43,4 +52,9 @@ class TimeClassEmbedding(nn.Module):
             if labels is None:
                 labels = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
             emb = emb + self.class_emb(labels)
+        if self.guidance_mlp is not None:
+            if guidance is None:
+                guidance = torch.ones(t.shape[0], device=t.device)
+            g = torch.as_tensor(guidance, device=t.device, dtype=torch.float32).expand(t.shape[0])
+            emb = emb + self.guidance_mlp(sinusoidal_embedding(g * 100.0, self.freq_dim).to(w.dtype))
         return emb.to(dtype)

@@ -84,7 +84,7 @@ def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> 
         den = Denoiser(
             net.to(device), process_from_config(d["process"]), d["prediction"], cond_kind=d.get("cond_kind", "none"),
             num_classes=d.get("num_classes"), sigma_d=d.get("sigma_d", 1.0), data_shape=d.get("data_shape"),
-            meta=cfg.get("meta", {}),
+            meta=cfg.get("meta", {}), boundary=d.get("boundary"),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise FewstepError(f"bad denoiser entry in {str(directory / CONFIG)!r}: {e}") from None

@@ -57,14 +57,17 @@ class UNetNet(nn.Module):
     """net(x, t, labels) for images (B, C, H, W); H and W divisible by 2^(len(mults) - 1)."""
 
     def __init__(self, in_channels: int = 1, base: int = 32, mults=(1, 2), num_res: int = 1, heads: int = 1,
-                 time_scale: float = 1000.0, num_classes: int | None = None, dropout: float = 0.0):
+                 time_scale: float = 1000.0, num_classes: int | None = None, dropout: float = 0.0,
+                 guidance_embed: bool = False):
         super().__init__()
         mults = tuple(int(m) for m in mults)
         self._config = {"type": "unet", "in_channels": in_channels, "base": base, "mults": list(mults),
                         "num_res": num_res, "heads": heads, "time_scale": time_scale, "num_classes": num_classes,
                         "dropout": dropout}
+        if guidance_embed:
+            self._config["guidance_embed"] = True
         emb_dim = 4 * base
-        self.embed = TimeClassEmbedding(emb_dim, time_scale, num_classes)
+        self.embed = TimeClassEmbedding(emb_dim, time_scale, num_classes, guidance_embed=guidance_embed)
         self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
         chans = [base]
         ch = base
@@ -91,8 +94,8 @@ class UNetNet(nn.Module):
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
-    def forward(self, x, t, cond=None):
-        emb = F.silu(self.embed(t, cond, x.dtype))
+    def forward(self, x, t, cond=None, guidance=None):
+        emb = F.silu(self.embed(t, cond, x.dtype, guidance))
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

@@ -11,6 +11,7 @@ from fewstep.sampling.solvers import (
     check_solver,
     flow_scale,
     flow_time,
+    ode_solve,
     resolve_timesteps,
     sample,
     sample_fewstep,
@@ -18,6 +19,6 @@ from fewstep.sampling.solvers import (
 
 __all__ = [
     "ODE_SOLVERS", "RENOISE", "SOLVERS", "Trajectory", "check_renoise", "check_solver", "flow_scale", "flow_time",
-    "generate", "noise_for_seeds", "renoise_for_seeds", "resolve_timesteps", "sample", "sample_fewstep",
+    "generate", "noise_for_seeds", "ode_solve", "renoise_for_seeds", "resolve_timesteps", "sample", "sample_fewstep",
     "sample_seeds", "step_seed",
 ]

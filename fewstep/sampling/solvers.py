@@ -145,16 +145,26 @@ def sample(
         return sample_fewstep(denoiser, noise, ts, cond=cond, guidance=guidance, renoise=renoise, seeds=seeds,
                               capture=capture)
     model = _FlowModel(denoiser, ts, cond, guidance, noise.dtype)
-    s = model.s + [0.0]
-    n = ts.numel()
     work = torch.promote_types(noise.dtype, torch.float32)
-
     x_f = noise.to(work) * (float(process.prior_std(ts[0])) / model.c[0])
-    xs, x0s = [], []
+    xs, x0s = ([], []) if capture else (None, None)
+    x_f = _integrate(model, x_f, model.s + [0.0], solver, xs, x0s)
+    x = x_f.to(noise.dtype)
+    if not capture:
+        return x
+    xs.append(x)
+    return Trajectory(x=x, xs=torch.stack(xs), ts=ts, x0s=torch.stack(x0s).to(noise.dtype))
+
+
+def _integrate(model: _FlowModel, x_f: torch.Tensor, s: list[float], solver: str, xs=None, x0s=None):
+    """Integrate the flow ODE in flow coordinates over the flow times `s` (len n + 1); returns x_f at s[n].
+
+    The model is evaluated at schedule indices 0..n-1 (and at i + 1 by Heun's corrector when s[i+1] > 0).
+    """
     x0_prev, h_prev = None, None
-    for i in range(n):
+    for i in range(len(s) - 1):
         x_m, x0, eps = model(x_f, i)
-        if capture:
+        if xs is not None:
             xs.append(x_m)
             x0s.append(x0)
         si, sn = s[i], s[i + 1]
@@ -174,11 +184,30 @@ def sample(
                 d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
             x_f = (sn / si) * x_f - (1.0 - sn) * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
-    x = x_f.to(noise.dtype)
-    if not capture:
-        return x
-    xs.append(x)
-    return Trajectory(x=x, xs=torch.stack(xs), ts=ts, x0s=torch.stack(x0s).to(noise.dtype))
+    return x_f
+
+
+def ode_solve(denoiser, x: torch.Tensor, timesteps, *, solver: str = "heun", cond=None, guidance=1.0) -> torch.Tensor:
+    """Integrate the teacher's probability-flow ODE from state `x` at timesteps[0] to timesteps[-1].
+
+    `timesteps` are decreasing model times (at least 2); all but the last must be noisy, the last may
+    be clean (then the result is the clean sample). One step between two times is what consistency
+    distillation needs (a DDIM/Euler or Heun step of the teacher). The result is in the model's own
+    process (x at timesteps[-1]), in the dtype of `x`.
+    """
+    check_solver(solver)
+    if solver == "fewstep":
+        raise FewstepError("ode_solve needs an ODE solver (euler, heun, dpm++2m), not 'fewstep'")
+    process = denoiser.process
+    ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).flatten()
+    if ts.numel() < 2 or not bool(torch.all(ts[1:] < ts[:-1])):
+        raise FewstepError(f"ode_solve needs at least 2 strictly decreasing times, got {ts.tolist()}")
+    if not bool(torch.all(flow_time(process, ts[:-1]) > 0)):
+        raise FewstepError(f"only the last time may be clean, got {ts.tolist()}")
+    model = _FlowModel(denoiser, ts, cond, guidance, x.dtype)
+    work = torch.promote_types(x.dtype, torch.float32)
+    x_f = _integrate(model, x.to(work) / model.c[0], model.s, solver)
+    return (x_f * model.c[-1]).to(x.dtype)
 
 
 def sample_fewstep(
