@@ -2,7 +2,24 @@
 
 The folder is the repository's top-level ``kernels/``, but it is installed under this project
 name: a top-level module called ``kernels`` would be picked up by transformers' probe for the
-Hugging Face ``kernels`` package. The flash-attention-with-JVP kernel lands here in its own issue.
+Hugging Face ``kernels`` package.
+
+- `attention(q, k, v, scale=None, backend="auto")`: softmax attention on (B, H, L, D) tensors whose
+  forward-mode JVP (torch.func.jvp, forward_ad) is one fused flash pass.
+- `attention_jvp(q, k, v, tq, tk, tv, scale=None, backend="auto") -> (o, to)`.
+- `FewstepJVPAttnProcessor` / `install_fewstep_attention(model)`: the same for diffusers models.
+
+Backends: the Triton kernel for CUDA tensors, a chunked PyTorch reference elsewhere; Triton is
+imported on first use of the kernel, and only if installed.
 """
 
-__all__: list[str] = []
+from fewstep_kernels.attention import (
+    BACKENDS,
+    TRITON_AVAILABLE,
+    FlashAttentionJVP,
+    attention,
+    attention_jvp,
+    resolve_backend,
+)
+
+__all__ = ["BACKENDS", "TRITON_AVAILABLE", "FlashAttentionJVP", "attention", "attention_jvp", "resolve_backend"]

@@ -1,0 +1,219 @@
+"""Triton flash attention (Dao et al. 2022) forward, with an optional fused forward-mode JVP.
+
+One program handles BLOCK_M queries of one (batch, head) and streams over the keys in blocks of
+BLOCK_N with an online softmax (running max m, running normaliser l = sum_j exp(s_ij - m)), so
+memory is O(L) and nothing of size Lq x Lk is ever written.
+
+Fused JVP (the tangent sCM/rCM training needs, Lu & Song 2024; Zheng et al. 2025): with
+S = q k^T * scale, P = softmax(S) and dS = (tq k^T + q tk^T) * scale,
+
+    dP = P * (dS - mu),  mu_i = sum_j P_ij dS_ij,    to = dP v + P tv.
+
+With unnormalised weights p_ij = exp(s_ij - m_i) and l_i = sum_j p_ij, all four sums below are
+rescaled by exp(m_old - m_new) like the output accumulator, and combined once at the end:
+
+    A = sum_j p_ij v_j,  c_i = sum_j p_ij dS_ij,  B = sum_j p_ij dS_ij v_j,  T = sum_j p_ij tv_j
+    o = A / l,  mu = c / l,  to = (B - mu * A) / l + T / l.
+
+Head dims that are not powers of two (40, 80) are padded to one with masked loads; sequence
+lengths are masked, so any Lq and Lk work, and Lq != Lk gives cross-attention. Accumulation is in
+float32 whatever the input dtype; probabilities are cast to the value dtype before the P v dots, as
+in FlashAttention. On CPU the same kernel runs in Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: an extra for GPUs, and the interpreter for tests on CPU.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is not installed
+    triton = None
+    tl = None
+
+TRITON_AVAILABLE = triton is not None
+# Triton decides at import whether `@triton.jit` compiles or interprets (TRITON_INTERPRET=1, which
+# must be set before triton is first imported); interpreted kernels take CPU tensors.
+INTERPRETED = TRITON_AVAILABLE and bool(triton.knobs.runtime.interpret)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
+
+
+def _jit(fn):
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
+
+
+@_jit
+def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32. IEEE: exact float32 products (no TF32) for float32 inputs.
+    UPCAST: multiply bfloat16 tiles as float32 (exact conversion, same products as a bf16 MMA with
+    fp32 accumulation); needed only by the interpreter, whose dot multiplies bf16 bit patterns."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@_jit
+def _attention_fwd_kernel(
+    Q, K, V, TQ, TK, TV, O, TO,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    stqb, stqh, stqm, stqd,
+    stkb, stkh, stkn, stkd,
+    stvb, stvh, stvn, stvd,
+    sob, soh, som, sod,
+    stob, stoh, stom, stod,
+    H, LQ, LK, HEAD_DIM, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WITH_JVP: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One (BLOCK_M queries, batch*head) tile. qk_scale = scale * log2(e) (scores live in base 2),
+    sm_scale = scale (the tangent of the scores is in natural units)."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < LQ
+    d_mask = offs_d < HEAD_DIM
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=qd_mask, other=0.0)
+    if WITH_JVP:
+        tq_ptrs = TQ + b * stqb + h * stqh + offs_m[:, None] * stqm + offs_d[None, :] * stqd
+        tq = tl.load(tq_ptrs, mask=qd_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if WITH_JVP:
+        c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_dsv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc_tv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, LK, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_mask = offs_n < LK
+        nd_mask = n_mask[:, None] & d_mask[None, :]
+        # K is loaded transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain dot.
+        kt_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd
+        kt = tl.load(kt_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        v = tl.load(v_ptrs, mask=nd_mask, other=0.0)
+
+        s = _mma(q, kt, IEEE_DOT, UPCAST_DOT)
+        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE_DOT, UPCAST_DOT)
+
+        if WITH_JVP:
+            tkt_ptrs = TK + b * stkb + h * stkh + offs_n[None, :] * stkn + offs_d[:, None] * stkd
+            tkt = tl.load(tkt_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+            tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvn + offs_d[None, :] * stvd
+            tv = tl.load(tv_ptrs, mask=nd_mask, other=0.0)
+            ds = _mma(tq, kt, IEEE_DOT, UPCAST_DOT) + _mma(q, tkt, IEEE_DOT, UPCAST_DOT)
+            # masked columns already have p == 0; zero dS there too so 0 * garbage stays 0
+            ds = tl.where(n_mask[None, :], ds * sm_scale, 0.0)
+            pds = p * ds
+            c_i = c_i * alpha + tl.sum(pds, 1)
+            acc_dsv = acc_dsv * alpha[:, None] + _mma(pds.to(v.dtype), v, IEEE_DOT, UPCAST_DOT)
+            acc_tv = acc_tv * alpha[:, None] + _mma(p.to(tv.dtype), tv, IEEE_DOT, UPCAST_DOT)
+        m_i = m_new
+
+    inv_l = 1.0 / l_i
+    o = acc * inv_l[:, None]
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=qd_mask)
+    if WITH_JVP:
+        mu = c_i * inv_l
+        to = (acc_dsv * inv_l[:, None] - mu[:, None] * o) + acc_tv * inv_l[:, None]
+        to_ptrs = TO + b * stob + h * stoh + offs_m[:, None] * stom + offs_d[None, :] * stod
+        tl.store(to_ptrs, to.to(TO.dtype.element_ty), mask=qd_mask)
+
+
+def _launch_config(block_d: int, device: torch.device, lq: int, lk: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles on the interpreter (it is numpy, and
+    small tiles also exercise the masking); FlashAttention-2-like tiles on GPUs. The JVP kernel holds
+    three (BLOCK_M, BLOCK_D) float32 accumulators, hence 8 warps for wide heads."""
+    if device.type != "cuda":
+        block_m = 16 if lq <= 16 else 32
+        block_n = 16 if lk <= 16 else 32
+        return block_m, block_n, 4, 1
+    if block_d <= 64:
+        return 64, 64, 4, 2
+    return 64, 32, 8, 2
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when the kernel handles these inputs, else the reason it does not."""
+    if not TRITON_AVAILABLE:
+        return "triton is not installed"
+    if q.device.type == "cpu" and not INTERPRETED:
+        return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"device {q.device.type}"
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv:
+        return f"head dims of q/k ({d}) and v ({dv}) differ"
+    if not (_MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM):
+        return f"head dim {d} (the kernel takes {_MIN_HEAD_DIM}..{_MAX_HEAD_DIM})"
+    return None
+
+
+def _flash(q, k, v, tq, tk, tv, scale: float, with_jvp: bool):
+    reason = supports(q, k, v)
+    if reason is not None:
+        raise ValueError(f"the triton attention kernel does not support these inputs: {reason}")
+    if q.dim() != 4:  # (..., L, D): fold the leading dims into the batch
+        lead = q.shape[:-2]
+        flat = [None if t is None else t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v, tq, tk, tv)]
+        out = _flash(*flat, scale, with_jvp)
+        return tuple(t.reshape(*lead, *t.shape[-2:]) for t in out) if with_jvp else out.reshape(*lead, *out.shape[-2:])
+    B, H, LQ, D = q.shape
+    LK = k.shape[-2]
+    o = torch.empty_like(q)
+    if with_jvp:
+        tq, tk, tv = (t.to(q.dtype) for t in (tq, tk, tv))
+        to = torch.empty_like(q)
+    else:  # unused pointers: pass real tensors so the signature stays the same
+        tq, tk, tv, to = q, k, v, o
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m, block_n, num_warps, num_stages = _launch_config(block_d, q.device, LQ, LK)
+    grid = (triton.cdiv(LQ, block_m), B * H)
+    log2e = 1.4426950408889634
+    _attention_fwd_kernel[grid](
+        q, k, v, tq, tk, tv, o, to,
+        *q.stride(), *k.stride(), *v.stride(),
+        *tq.stride(), *tk.stride(), *tv.stride(),
+        *o.stride(), *to.stride(),
+        H, LQ, LK, D, scale * log2e, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        WITH_JVP=with_jvp, IEEE_DOT=q.dtype == torch.float32,
+        UPCAST_DOT=INTERPRETED and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return (o, to) if with_jvp else o
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """o = softmax(q k^T * scale) v with the Triton kernel; (B, H, L, D) inputs (or (..., L, D))."""
+    return _flash(q, k, v, None, None, None, scale, with_jvp=False)
+
+
+def flash_attention_jvp(q, k, v, tq, tk, tv, scale: float):
+    """(o, to): attention and its tangent along (tq, tk, tv) from one fused Triton kernel."""
+    return _flash(q, k, v, tq, tk, tv, scale, with_jvp=True)
