@@ -1,0 +1,529 @@
+"""FID (and KID, precision/recall) in Inception pool3 features, streamed from images, sample files or models.
+
+FID = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}) (Heusel et al. 2017), computed by the one
+`fewstep.eval.frechet.frechet_distance` that FD-digits uses too. Features are accumulated batch by
+batch as float64 running sums (of f - c and of their outer products, for a shift c taken from the
+first batch), so N samples never sit in memory as images; the (N, 2048) features themselves are kept
+only when KID or precision/recall is asked for.
+
+Sample sources (`open_samples`): a folder of images (streamed from disk), an .npz written by
+`fewstep sample`, or a model (built-in teacher name, model directory or distillation run, loaded with
+`fewstep.api.load_model`) sampled on the fly with the shared sampler engine, exactly as
+`fewstep.sampling.generate` would (per-sample seeds, so batching does not change the samples).
+
+Reference statistics files (`save_reference_stats`) hold mu, sigma, n, optionally the features,
+and the protocol (Inception weights sha256, resize mode, image sizes, N); a reference is refused when
+its protocol differs from the current run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.eval.frechet import frechet_distance
+from fewstep.eval.inception import FEATURE_DIM, InceptionFeatures, check_resize, inception_features, to_uint8_images
+
+__all__ = ["FeatureAccumulator", "ImageFolderSamples", "ModelSamples", "NpzSamples", "compute_fid",
+           "extract_features", "frechet_distance", "load_reference_stats", "open_samples", "reference_stats",
+           "save_reference_stats"]
+
+STATS_FORMAT = "fewstep-inception-stats/1"
+PROTOCOL_KEYS = ("weights_sha256", "resize", "feature_dim")  # must agree between samples and a stats reference
+
+Progress = Callable[[str, int, "int | None"], None]  # (stage, samples just done, total or None)
+
+
+# -- running statistics --------------------------------------------------------------------------------
+class FeatureAccumulator:
+    """Running mean and unbiased covariance of feature batches in float64; optionally keeps the features.
+
+    Sums are of (f - c) with c the first batch's mean, so the covariance does not lose precision
+    when the mean is large compared with the spread.
+    """
+
+    def __init__(self, keep_features: bool = False):
+        self.keep_features = keep_features
+        self.n = 0
+        self._shift = self._sum = self._outer = None
+        self._kept: list[torch.Tensor] = []
+
+    def add(self, features) -> None:
+        f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+        f = f.detach().double().cpu()
+        if f.ndim != 2:
+            raise FewstepError(f"features must be (N, D), got shape {tuple(f.shape)}")
+        if f.shape[0] == 0:
+            return
+        if self._shift is None:
+            self._shift = f.mean(0)
+            d = f.shape[1]
+            self._sum = torch.zeros(d, dtype=torch.float64)
+            self._outer = torch.zeros(d, d, dtype=torch.float64)
+        elif f.shape[1] != self._shift.shape[0]:
+            raise FewstepError(f"feature dimension changed from {self._shift.shape[0]} to {f.shape[1]}")
+        g = f - self._shift
+        self._sum += g.sum(0)
+        self._outer += g.T @ g
+        self.n += f.shape[0]
+        if self.keep_features:
+            self._kept.append(f.float())
+
+    @property
+    def dim(self) -> int | None:
+        return None if self._shift is None else int(self._shift.shape[0])
+
+    def mean(self) -> np.ndarray:
+        if self.n < 1:
+            raise FewstepError("no features were accumulated")
+        return (self._shift + self._sum / self.n).numpy()
+
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance sum (g - gbar)(g - gbar)^T / (n - 1)."""
+        if self.n < 2:
+            raise FewstepError(f"need at least 2 samples for a covariance, got {self.n}")
+        gbar = self._sum / self.n
+        c = (self._outer - self.n * torch.outer(gbar, gbar)) / (self.n - 1)
+        return ((c + c.T) / 2).numpy()
+
+    def features(self) -> torch.Tensor | None:
+        if not self.keep_features:
+            return None
+        return torch.cat(self._kept) if self._kept else torch.zeros(0, self.dim or 0)
+
+
+# -- sample sources ------------------------------------------------------------------------------------
+class ImageFolderSamples:
+    """Images in a folder (recursively; png, jpg, jpeg, webp, bmp; a `grid.png` from `fewstep sample` is
+    skipped), read batch by batch as uint8. Greyscale files stay 1-channel (repeated to 3 later)."""
+
+    kind = "images"
+
+    def __init__(self, path: str | Path, batch_size: int = 64):
+        from fewstep.data.images import list_images
+        from fewstep.outputs import GRID_PNG
+
+        self.path = Path(path)
+        self.files = [p for p in list_images(self.path) if not (p.name == GRID_PNG and p.parent == self.path)]
+        if not self.files:
+            raise FewstepError(f"image folder {str(self.path)!r} holds no images besides {GRID_PNG}")
+        self.batch_size = batch_size
+        self.total = len(self.files)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path), "num": self.total}
+
+    def batches(self) -> Iterator[torch.Tensor | list]:
+        from PIL import Image
+
+        for i in range(0, self.total, self.batch_size):
+            arrs = []
+            for p in self.files[i:i + self.batch_size]:
+                try:
+                    with Image.open(p) as im:
+                        grey = im.mode in ("L", "LA", "I", "I;16", "1", "P") and _is_grey(im)
+                        a = np.asarray(im.convert("L") if grey else im.convert("RGB"))
+                except OSError as e:
+                    raise FewstepError(f"cannot read image {str(p)!r}: {e}") from None
+                arrs.append(torch.from_numpy(np.array(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))))
+            yield _stack_or_list(arrs)
+
+
+def _is_grey(im) -> bool:
+    if im.mode != "P":
+        return True
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def _stack_or_list(arrs: list[torch.Tensor]):
+    """One (N, C, H, W) tensor when the shapes agree, else the list (resized one by one)."""
+    if all(a.shape == arrs[0].shape for a in arrs):
+        return torch.stack(arrs)
+    return arrs
+
+
+class NpzSamples:
+    """The `samples` array (N, C, H, W) in [-1, 1] of an .npz written by `fewstep sample`."""
+
+    kind = "npz"
+
+    def __init__(self, path: str | Path, batch_size: int = 64):
+        from fewstep.outputs import load_samples
+
+        self.path = Path(path)
+        samples, _, self.meta = load_samples(self.path)
+        if samples.ndim != 4:
+            raise FewstepError(f"{str(self.path)!r} holds samples of shape {tuple(samples.shape)}; Inception "
+                               "features need images (N, C, H, W)")
+        self.samples = samples
+        self.batch_size = batch_size
+        self.total = int(samples.shape[0])
+
+    def describe(self) -> dict:
+        out = {"kind": self.kind, "path": str(self.path), "num": self.total}
+        for k in ("model", "steps", "solver", "seed"):
+            if k in self.meta:
+                out[k] = self.meta[k]
+        return out
+
+    def batches(self):
+        for i in range(0, self.total, self.batch_size):
+            yield self.samples[i:i + self.batch_size]
+
+
+class ModelSamples:
+    """`num` samples of a model drawn batch by batch with the shared sampler engine.
+
+    Batch b holds samples start..start+count with the per-sample seeds of `sample_seeds(seed, start,
+    count)` and (class-conditional models) labels i % num_classes: the same samples that
+    `fewstep.sampling.generate(model, num, ...)` returns, without keeping them all.
+    """
+
+    kind = "model"
+
+    def __init__(self, spec: str, num: int, *, steps: int | None = None, solver: str | None = None,
+                 spacing: str = "uniform", seed: int = 0, batch_size: int = 64, guidance: float = 1.0,
+                 device=None):
+        from fewstep.api import load_model
+        from fewstep.sampling import check_solver, resolve_timesteps
+
+        if num is None or int(num) < 2:
+            raise FewstepError(f"--num must be >= 2 when sampling a model, got {num}")
+        if steps is not None and int(steps) < 1:
+            raise FewstepError(f"--steps must be >= 1, got {steps}")
+        if batch_size < 1:
+            raise FewstepError(f"--batch-size must be >= 1, got {batch_size}")
+        self.spec = str(spec)
+        den = load_model(self.spec)
+        if den.data_shape is None or len(den.data_shape) != 3:
+            raise FewstepError(f"model {self.spec!r} does not generate images (data shape {den.data_shape}); "
+                               "FID needs images")
+        if den.cond_kind == "text":
+            raise FewstepError(f"model {self.spec!r} is text-conditional: sample it with prompts and pass the "
+                               "image folder as --samples")
+        if device is not None:
+            den = den.to(device)
+        self.denoiser = den
+        meta = den.meta
+        self.steps = int(steps or meta.get("default_steps", 50))
+        self.solver = check_solver(solver or meta.get("default_solver", "heun"))
+        self.spacing = spacing
+        self.timesteps = resolve_timesteps(den.process, self.steps, None, spacing)
+        self.seed, self.batch_size, self.guidance = int(seed), int(batch_size), float(guidance)
+        self.total = int(num)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "model": self.spec, "num": self.total, "steps": self.steps, "solver": self.solver,
+                "spacing": self.spacing, "seed": self.seed, "guidance": self.guidance}
+
+    @torch.no_grad()
+    def batches(self):
+        from fewstep.sampling import noise_for_seeds, sample, sample_seeds
+        from fewstep.sampling.generation import model_device, model_dtype
+
+        den = self.denoiser
+        dtype, device = model_dtype(den), model_device(den)
+        den.eval()
+        for start in range(0, self.total, self.batch_size):
+            count = min(self.batch_size, self.total - start)
+            seeds = sample_seeds(self.seed, start, count)
+            noise = noise_for_seeds(seeds, den.data_shape, dtype=dtype, device=device)
+            cond = None
+            if den.cond_kind == "class":
+                cond = (torch.arange(start, start + count) % int(den.num_classes)).to(device)
+            x = sample(den, noise, timesteps=self.timesteps, solver=self.solver, cond=cond, guidance=self.guidance,
+                       renoise="fresh", seeds=seeds)
+            yield x.to(torch.promote_types(x.dtype, torch.float32)).cpu()
+
+
+def _looks_like_model_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("config.json", "config.yaml", "model.safetensors"))
+
+
+def open_samples(spec, *, num: int | None = None, steps: int | None = None, solver: str | None = None,
+                 seed: int = 0, batch_size: int = 64, guidance: float = 1.0, device=None):
+    """A sample source for `spec`: an .npz file, an image folder, or a model (name, model or run directory).
+
+    A directory with config.json / config.yaml / model.safetensors is a model; other directories are
+    image folders. Sampling options apply to models only.
+    """
+    path = Path(str(spec))
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise FewstepError(f"samples file {str(path)!r} is not an .npz (give an .npz, an image folder or a model)")
+        src = NpzSamples(path, batch_size)
+    elif path.is_dir() and not _looks_like_model_dir(path):
+        src = ImageFolderSamples(path, batch_size)
+    else:
+        return ModelSamples(str(spec), num if num is not None else 0, steps=steps, solver=solver, seed=seed,
+                            batch_size=batch_size, guidance=guidance, device=device)
+    if num is not None and num != src.total:
+        raise FewstepError(f"--num {num} applies to models; {str(path)!r} holds {src.total} images")
+    return src
+
+
+# -- extraction ----------------------------------------------------------------------------------------
+class _ImageWriter:
+    """PNG files written into a hidden staging folder, renamed to `out` when everything is written."""
+
+    def __init__(self, out: str | Path, total: int):
+        from fewstep.outputs import ensure_new_path
+
+        self.out = ensure_new_path(out, "--save-images")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp"))
+        self.width = max(5, len(str(max(total - 1, 0))))
+        self.count = 0
+
+    def write(self, images) -> None:
+        from PIL import Image
+
+        items = images if isinstance(images, list) else list(images)
+        for img in items:
+            a = to_uint8_images(img[None])[0].permute(1, 2, 0).numpy()
+            name = self.staging / f"{self.count:0{self.width}d}.png"
+            Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(name)
+            self.count += 1
+
+    def finish(self) -> str:
+        if self.out.exists():
+            self.out.rmdir()  # empty, checked when opened
+        os.replace(self.staging, self.out)
+        return str(self.out)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def extract_features(source, extractor: InceptionFeatures, *, keep_features: bool = False,
+                     progress: Progress | None = None, stage: str = "samples",
+                     save_images: str | Path | None = None) -> tuple[FeatureAccumulator, dict]:
+    """Feed every batch of `source` through `extractor` into a FeatureAccumulator.
+
+    Returns the accumulator and {"image_shapes": sorted distinct (C, H, W), "saved_images": dir or None}.
+    """
+    acc = FeatureAccumulator(keep_features)
+    shapes: set[tuple] = set()
+    writer = _ImageWriter(save_images, source.total) if save_images is not None else None
+    try:
+        for batch in source.batches():
+            items = batch if isinstance(batch, list) else [batch]
+            for item in items:
+                imgs = item if item.ndim == 4 else item[None]
+                shapes.add(tuple(int(s) for s in imgs.shape[1:]))
+                acc.add(extractor(imgs))
+            if writer is not None:
+                writer.write(batch)
+            if progress is not None:
+                progress(stage, sum(int(i.shape[0]) if i.ndim == 4 else 1 for i in items), source.total)
+        saved = writer.finish() if writer is not None else None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if acc.n < 2:
+        raise FewstepError(f"need at least 2 images for feature statistics, got {acc.n}")
+    return acc, {"image_shapes": sorted(shapes), "saved_images": saved}
+
+
+def _shape_label(shapes: list[tuple]) -> str:
+    if len(shapes) == 1:
+        c, h, w = shapes[0]
+        return f"{h}x{w}x{c}"
+    return "mixed"
+
+
+# -- reference statistics files ------------------------------------------------------------------------
+def save_reference_stats(out: str | Path, acc: FeatureAccumulator, protocol: dict, *,
+                         include_features: bool = False) -> Path:
+    """Write mu, sigma, n, the protocol (JSON) and optionally the float32 features to a new .npz."""
+    from fewstep.fileio import atomic_write
+    from fewstep.outputs import ensure_new_path
+
+    out = ensure_new_path(out, "--out")
+    if out.suffix != ".npz":
+        raise FewstepError(f"reference statistics are written as .npz; got --out {str(out)!r}")
+    arrays = {"mu": acc.mean(), "sigma": acc.cov(), "n": np.array(acc.n, dtype=np.int64),
+              "format": np.array(STATS_FORMAT), "protocol": np.array(json.dumps(protocol, sort_keys=True))}
+    if include_features:
+        arrays["features"] = acc.features().numpy().astype(np.float32)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(out, write)
+    return out
+
+
+def is_stats_file(path: str | Path) -> bool:
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".npz"):
+        return False
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return "mu" in z.files and "sigma" in z.files
+    except (OSError, ValueError):
+        return False
+
+
+def load_reference_stats(path: str | Path) -> dict:
+    """{"mu", "sigma", "n", "protocol", "features" (or None)} from a stats .npz (no pickles)."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "mu" not in z.files or "sigma" not in z.files:
+                raise FewstepError(f"{str(p)!r} is not a reference statistics file (no mu/sigma arrays)")
+            mu, sigma = np.array(z["mu"], dtype=np.float64), np.array(z["sigma"], dtype=np.float64)
+            protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else None
+            n = int(z["n"]) if "n" in z.files else None
+            feats = np.array(z["features"], dtype=np.float32) if "features" in z.files else None
+    except (OSError, ValueError) as e:
+        raise FewstepError(f"cannot read reference statistics {str(p)!r}: {e}") from None
+    if protocol is None:
+        raise FewstepError(f"{str(p)!r} records no protocol (weights hash, resize); recompute it with "
+                           "`fewstep eval stats` so FID is computed the same way on both sides")
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise FewstepError(f"{str(p)!r} holds statistics of shape mu {mu.shape}, sigma {sigma.shape}; expected "
+                           f"{FEATURE_DIM}-d Inception statistics")
+    return {"mu": mu, "sigma": sigma, "n": n, "protocol": protocol,
+            "features": torch.from_numpy(feats) if feats is not None else None}
+
+
+def check_protocol(ref_protocol: dict, protocol: dict, ref_name: str) -> None:
+    """Refuse a reference computed with other Inception weights, resize mode or feature size (one line)."""
+    for key in PROTOCOL_KEYS:
+        if ref_protocol.get(key) != protocol.get(key):
+            mine, theirs = protocol.get(key), ref_protocol.get(key)
+            if key == "weights_sha256":
+                mine, theirs = str(mine)[:12], str(theirs)[:12]
+            raise FewstepError(f"reference {ref_name!r} was computed with {key}={theirs}, this run uses {key}={mine}; "
+                               "statistics from different protocols are not comparable (recompute the reference "
+                               "with `fewstep eval stats`)")
+
+
+# -- the library calls ---------------------------------------------------------------------------------
+def reference_stats(images, out: str | Path, *, inception: str | Path | None = None, resize: str = "clean",
+                    batch_size: int = 64, save_features: bool = False, device=None,
+                    progress: Progress | None = None) -> dict:
+    """Compute Inception statistics of an image folder or samples .npz once and write them to `out` (.npz)."""
+    from fewstep.outputs import ensure_new_path
+
+    ensure_new_path(out, "--out")
+    if Path(str(out)).suffix != ".npz":
+        raise FewstepError(f"reference statistics are written as .npz; got --out {str(out)!r}")
+    check_resize(resize)
+    path = Path(str(images))
+    if not path.exists():
+        raise FewstepError(f"--images {str(images)!r} does not exist (give an image folder or a samples .npz)")
+    if path.is_dir() and _looks_like_model_dir(path):
+        raise FewstepError(f"--images {str(images)!r} is a model directory; give an image folder or a samples .npz")
+    if is_stats_file(path):
+        raise FewstepError(f"--images {str(images)!r} is already a statistics file")
+    source = open_samples(path, batch_size=batch_size)
+    extractor = inception_features(inception, resize, device, batch_size)
+    acc, info = extract_features(source, extractor, keep_features=save_features, progress=progress, stage="images")
+    protocol = {**extractor.protocol, "n": acc.n, "image_size": _shape_label(info["image_shapes"]),
+                "source": source.describe()}
+    save_reference_stats(out, acc, protocol, include_features=save_features)
+    return {"out": str(out), "n": acc.n, "includes_features": bool(save_features), "protocol": protocol}
+
+
+def _reference_side(ref, extractor: InceptionFeatures, protocol: dict, need_features: bool, batch_size: int,
+                    progress: Progress | None) -> dict:
+    path = Path(str(ref))
+    if not path.exists():
+        raise FewstepError(f"--ref {str(ref)!r} does not exist (give an image folder, a samples .npz or a stats .npz "
+                           "from `fewstep eval stats`)")
+    if is_stats_file(path):
+        st = load_reference_stats(path)
+        check_protocol(st["protocol"], protocol, str(ref))
+        if need_features and st["features"] is None:
+            raise FewstepError(f"KID and precision/recall need the reference features; {str(ref)!r} has only "
+                               "mu and sigma (recompute it with `fewstep eval stats --save-features`)")
+        return {"mu": st["mu"], "sigma": st["sigma"], "n": st["n"], "features": st["features"],
+                "describe": {"kind": "stats", "path": str(path), "num": st["n"],
+                             "image_size": st["protocol"].get("image_size")}}
+    if path.is_dir() and _looks_like_model_dir(path):
+        raise FewstepError(f"--ref {str(ref)!r} is a model directory; give an image folder, a samples .npz or a "
+                           "stats .npz")
+    source = open_samples(path, batch_size=batch_size)
+    acc, info = extract_features(source, extractor, keep_features=need_features, progress=progress, stage="reference")
+    return {"mu": acc.mean(), "sigma": acc.cov(), "n": acc.n, "features": acc.features(),
+            "describe": {**source.describe(), "image_size": _shape_label(info["image_shapes"])}}
+
+
+def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: str = "clean", num: int | None = None,
+                steps: int | None = None, solver: str | None = None, seed: int = 0, batch_size: int = 64,
+                guidance: float = 1.0, kid: bool = False, pr: bool = False, kid_subsets: int = 100,
+                kid_subset_size: int = 1000, pr_k: int = 3, save_images: str | Path | None = None, device=None,
+                progress: Progress | None = None) -> dict:
+    """FID of `samples` (image folder, samples .npz, or model sampled `num` times) against `ref`
+    (image folder, samples .npz, or a stats .npz with the same protocol); optionally KID and
+    precision/recall from the same features. Returns a JSON-able result with the full protocol.
+    """
+    from fewstep.eval.prdc import kid as kid_fn
+    from fewstep.eval.prdc import precision_recall
+
+    check_resize(resize)
+    if batch_size < 1:
+        raise FewstepError(f"--batch-size must be >= 1, got {batch_size}")
+    ref_path = Path(str(ref))
+    if not ref_path.exists():
+        raise FewstepError(f"--ref {str(ref)!r} does not exist (give an image folder, a samples .npz or a stats .npz "
+                           "from `fewstep eval stats`)")
+    if is_stats_file(samples):
+        raise FewstepError(f"--samples {str(samples)!r} is a statistics file; give images, a samples .npz or a model")
+    if save_images is not None:
+        from fewstep.outputs import ensure_new_path
+
+        ensure_new_path(save_images, "--save-images")
+    source = open_samples(samples, num=num, steps=steps, solver=solver, seed=seed, batch_size=batch_size,
+                          guidance=guidance, device=device)
+    if save_images is not None and source.kind != "model":
+        raise FewstepError("--save-images applies when sampling a model; these samples are files already")
+    extractor = inception_features(inception, resize, device, batch_size)
+    protocol = extractor.protocol
+    need_features = kid or pr
+    # the reference first: a mismatched stats file is refused before any sampling
+    ref_side = _reference_side(ref, extractor, protocol, need_features, batch_size, progress)
+    acc, info = extract_features(source, extractor, keep_features=need_features, progress=progress,
+                                 stage="samples", save_images=save_images)
+    value = frechet_distance(acc.mean(), acc.cov(), ref_side["mu"], ref_side["sigma"])
+    result = {
+        "metric": "fid",
+        "value": float(value),
+        "fid": float(value),
+        "lower_is_better": True,
+        "n_samples": acc.n,
+        "n_ref": ref_side["n"],
+        "samples": source.describe(),
+        "ref": ref_side["describe"],
+        "seed": int(seed),
+        "protocol": {**protocol, "image_size": _shape_label(info["image_shapes"]),
+                     "frechet": "float64 Tr sqrt(sqrt(S1) S2 sqrt(S1)) via symmetric eigendecompositions",
+                     "covariance": "unbiased (N - 1)"},
+    }
+    if info["saved_images"] is not None:
+        result["saved_images"] = info["saved_images"]
+    if kid:
+        k = kid_fn(acc.features(), ref_side["features"], subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+        result["kid"] = k["value"]
+        result["kid_std"] = k["std"]
+        result["protocol"]["kid"] = {"kernel": "(x.y / d + 1)^3", "estimator": "unbiased MMD^2",
+                                     "subsets": k["subsets"], "subset_size": k["subset_size"], "seed": int(seed)}
+    if pr:
+        p = precision_recall(ref_side["features"], acc.features(), k=pr_k)
+        result["precision"], result["recall"] = p["precision"], p["recall"]
+        result["protocol"]["precision_recall"] = {"method": "k-NN manifolds (Kynkaanniemi et al. 2019)", "k": p["k"],
+                                                  "distance": "Euclidean in pool3 features"}
+    return result
