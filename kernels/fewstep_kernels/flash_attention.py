@@ -158,12 +158,6 @@ def _launch_config(block_d: int, device: torch.device, lq: int, lk: int):
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """None when the kernel handles these inputs, else the reason it does not."""
-    if not TRITON_AVAILABLE:
-        return "triton is not installed"
-    if q.device.type == "cpu" and not INTERPRETED:
-        return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
-    if q.device.type not in ("cuda", "cpu"):
-        return f"device {q.device.type}"
     if q.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
     d, dv = q.shape[-1], v.shape[-1]
@@ -171,6 +165,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"head dims of q/k ({d}) and v ({dv}) differ"
     if not (_MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM):
         return f"head dim {d} (the kernel takes {_MIN_HEAD_DIM}..{_MAX_HEAD_DIM})"
+    if not TRITON_AVAILABLE:
+        return "triton is not installed"
+    if q.device.type == "cpu" and not INTERPRETED:
+        return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"device {q.device.type}"
     return None
 
 
