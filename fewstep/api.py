@@ -11,11 +11,19 @@ from fewstep.errors import FewstepError
 from fewstep.outputs import ensure_new_path, load_samples, save_samples
 
 
-def load_model(spec: str):
-    """A Denoiser from a built-in teacher name or a model directory (config.json + model.safetensors)."""
+def load_model(spec: str | Path, device="cpu"):
+    """A Denoiser from a built-in teacher name, a model directory (config.json + model.safetensors), or a
+    distillation run directory (its student: the EMA weights when the run kept an EMA)."""
     from fewstep.teachers import load_teacher
 
-    return load_teacher(spec)
+    path = Path(str(spec))
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "config.yaml").is_file():
+        student = path / "student"
+        if not (student / "config.json").is_file():
+            raise FewstepError(f"run {str(path)!r} has no finished student yet (student/ is missing); "
+                               f"continue it with `fewstep distill --resume --out {path}`")
+        return load_teacher(student, device)
+    return load_teacher(spec, device)
 
 
 def _check_positive(name: str, value, minimum=1):
@@ -144,3 +152,47 @@ def train_teacher(data: str, out: str | Path, **kwargs) -> dict:
     from fewstep.teachers.train import train_teacher as _train
 
     return _train(data, out, **kwargs)
+
+
+def distill(config=None, **kwargs) -> dict:
+    """Distill a teacher into a few-step student (see fewstep.training.distill)."""
+    from fewstep.training import distill as _distill
+
+    return _distill(config, **kwargs)
+
+
+EXPORT_FORMATS = ("safetensors",)
+
+
+def export(run: str | Path, out: str | Path, *, format: str = "safetensors") -> dict:
+    """Write a run's student to the new directory `out` (model.safetensors + config.json + README.md)."""
+    from fewstep.models.io import CONFIG, WEIGHTS, save_denoiser
+
+    if format not in EXPORT_FORMATS:
+        raise FewstepError(f"unknown --format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    if not Path(run).exists():
+        raise FewstepError(f"run {str(run)!r} not found")
+    out = ensure_new_path(out, "--out")
+    den = load_model(run)
+    save_denoiser(den, out)
+    meta = den.meta
+    metrics_path = Path(run) / "metrics.json"
+    card = [f"# fewstep student ({meta.get('method', 'model')})", "",
+            f"- distilled from: {meta.get('distilled_from', 'n/a')}",
+            f"- method: {meta.get('method', 'n/a')}, iterations: {meta.get('iterations', 'n/a')}",
+            f"- sampler: {meta.get('default_solver')} with {meta.get('default_steps')} step(s) by default, "
+            f"guidance {meta.get('default_guidance', 1.0)}",
+            f"- load: `fewstep sample --model {out} --steps 1`", ""]
+    if metrics_path.is_file():
+        import json
+
+        rows = json.loads(metrics_path.read_text()).get("table") or []
+        if rows:
+            card += ["| model | solver | steps | metric | value |", "|---|---|---|---|---|"]
+            card += [f"| {r['model']} | {r['solver']} | {r['steps']} | {r['metric']} | {r['value']:.4f} |"
+                     for r in rows]
+    from fewstep.fileio import atomic_write
+
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text("\n".join(card) + "\n"))
+    return {"run": str(run), "format": format, "out": str(out),
+            "files": [str(out / WEIGHTS), str(out / CONFIG), str(out / "README.md")]}

@@ -271,34 +271,136 @@ def _check_new_dir(out: Path):
     ensure_new_path(out, "--out")
 
 
-# -- distill / export: registered here, implemented with the distillation engine --------------------
+# -- distill / methods / export ---------------------------------------------------------------------
+def _opt(default=None, help: str = "", flag: str | None = None):
+    return typer.Option(default, *([flag] if flag else []), help=help, show_default=False)
+
+
 @app.command()
 @command
 def distill(
-    method: str | None = typer.Option(None, help="Distillation method."),
-    teacher: str | None = typer.Option(None, help="Teacher name or directory."),
-    out: Path | None = typer.Option(None, help="Run directory."),
+    method: str | None = _opt(help="Distillation method (see `fewstep methods`; default cd)."),
+    teacher: str | None = _opt(help="Teacher: built-in name, model directory or run directory "
+                                    "(default toy:checkerboard)."),
+    out: Path | None = _opt(help="New run directory (default runs/METHOD-TEACHER-TIME); with --resume, the run."),
+    config: Path | None = _opt(help="YAML recipe of config fields; flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    data: str | None = _opt(help="Real data for methods that need it (default: the teacher's training data)."),
+    iters: int | None = _opt(help="Training iterations (default: the method's recipe)."),
+    batch_size: int | None = _opt(help="Batch size per process (default: the recipe)."),
+    lr: float | None = _opt(help="Learning rate (default: the recipe)."),
+    lr_schedule: str | None = _opt(help="constant | cosine, after the warm-up."),
+    warmup: int | None = _opt(help="Linear LR warm-up iterations (default 100)."),
+    grad_clip: float | None = _opt(help="Max gradient norm per network, 0 = off (default 1)."),
+    grad_accum: int | None = _opt(help="Micro-batches per optimizer step (default 1)."),
+    mixed_precision: str | None = _opt(help="no | bf16 | fp16 (default no)."),
+    ema: str | None = _opt(help="Student EMA for sampling: none | fixed | power (default fixed)."),
+    ema_decay: float | None = _opt(help="Fixed EMA decay (default: the recipe)."),
+    ema_gamma: float | None = _opt(help="Power EMA exponent (default 6.94)."),
+    guidance: float | None = _opt(help="Teacher CFG scale for conditional teachers (default 1)."),
+    seed: int | None = _opt(help="Seed (default 0)."),
+    device: str | None = _opt(help="auto | cpu | cuda (default auto)."),
+    log_every: int | None = _opt(help="Write a log.jsonl line every N iterations (default 50)."),
+    sample_every: int | None = _opt(help="Write a sample grid every N iterations, 0 = at the end (default 500)."),
+    checkpoint_every: int | None = _opt(help="Checkpoint every N iterations, 0 = at the end (default 500)."),
+    keep_checkpoints: int | None = _opt(help="Checkpoints kept (default 2)."),
+    eval: bool | None = typer.Option(None, "--eval/--no-eval", help="Final quality table (default on)."),
+    eval_num: int | None = _opt(help="Samples per quality-table entry (default 4096 toys, 2000 digits)."),
+    eval_steps: str | None = _opt(help="Student step counts in the table, comma-separated (default 1,2,4)."),
+    stop_after: int | None = _opt(help="Stop after N iterations of this invocation (resume later)."),
+    opt: list[str] | None = typer.Option(None, "--opt", help="A method option KEY=VALUE (repeatable; see "
+                                         "`fewstep methods`)."),
     as_json: bool = JSON_OPT,
 ):
-    """Distill a teacher into a few-step student."""
-    from fewstep.methods import available_methods
+    """Distill a teacher into a few-step student (no arguments: the built-in default, CD on toy:checkerboard)."""
+    from fewstep.training import distill as run_distill
+    from fewstep.training.config import load_yaml, parse_option
 
-    names = available_methods()
-    raise FewstepError("no distillation method is available in this version (methods: "
-                       f"{', '.join(names) if names else 'none yet'}); they arrive with the distillation engine")
+    values: dict = load_yaml(config) if config is not None else {}
+    flags = {"method": method, "teacher": teacher, "out": str(out) if out is not None else None, "data": data,
+             "iters": iters, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule, "warmup": warmup,
+             "grad_clip": grad_clip, "grad_accum": grad_accum, "mixed_precision": mixed_precision, "ema": ema,
+             "ema_decay": ema_decay, "ema_gamma": ema_gamma, "guidance": guidance, "seed": seed, "device": device,
+             "log_every": log_every, "sample_every": sample_every, "checkpoint_every": checkpoint_every,
+             "keep_checkpoints": keep_checkpoints, "eval": eval, "eval_num": eval_num, "stop_after": stop_after}
+    if eval_steps is not None:
+        try:
+            flags["eval_steps"] = [int(s) for s in eval_steps.split(",") if s.strip()]
+        except ValueError:
+            raise FewstepError(f"--eval-steps must be comma-separated integers, got {eval_steps!r}") from None
+    if opt:
+        options = dict(values.get("options") or {})
+        options.update(parse_option(o) for o in opt)
+        flags["options"] = options
+    values.update({k: v for k, v in flags.items() if v is not None})
+    with progress_bar("distilling", None) as bar:
+
+        def progress(iteration: int, total: int, losses: dict):
+            bar.set_total(total)
+            bar.advance(1)
+            if iteration % 10 == 0 or iteration == total:
+                bar.note(" ".join(f"{k.split('/')[-1] if k.count('/') else k} {v:.4g}" for k, v in losses.items()))
+
+        result = run_distill(values, resume=resume, progress=progress)
+    result.pop("table_text", None)
+    if as_json:
+        emit(result, True, "")
+        return
+    rows = result.get("table") or []
+    if rows:
+        table = Table(title=f"{result['method']} on {result['teacher']}: {result['iterations']} iterations, "
+                            f"{result.get('train_seconds', 0):.0f} s")
+        for col in ("model", "solver", "steps", rows[0]["metric"]):
+            table.add_column(col, justify="right" if col not in ("model", "solver") else "left")
+        for r in rows:
+            table.add_row(r["model"], r["solver"], str(r["steps"]), f"{r['value']:.4f}")
+        out_console.print(table)
+    out_console.print(f"run: {result['run']}" + (f"  student: {result['student']}" if result.get("student") else
+                                                 f"  (stopped; continue with: {result.get('resume_with')})"),
+                      markup=False, highlight=False)
+
+
+@app.command("methods")
+@command
+def methods(as_json: bool = JSON_OPT):
+    """List the distillation methods and their options (`fewstep distill --method NAME --opt KEY=VALUE`)."""
+    import dataclasses
+
+    from fewstep.methods import available_methods, get_method
+
+    rows = []
+    for name in available_methods():
+        cls = get_method(name)
+        opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(cls.config_class)}
+        rows.append({"name": name, "description": cls.description, "options": opts})
+    if as_json:
+        emit({"methods": rows}, True, "")
+        return
+    table = Table(title="distillation methods")
+    for col in ("name", "description", "options (defaults)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["description"], ", ".join(f"{k}={v}" for k, v in r["options"].items()))
+    out_console.print(table)
+
+
+EXPORT_FORMATS = ("safetensors",)
 
 
 @app.command()
 @command
 def export(
-    run: Path | None = typer.Argument(None, help="Run directory."),
-    format: str = typer.Option("safetensors", "--format", help="Export format."),
-    out: Path | None = typer.Option(None, help="Output directory."),
+    run: Path = typer.Argument(..., help="Run directory (or a model directory)."),
+    format: str = typer.Option("safetensors", "--format", help="Export format: safetensors."),
+    out: Path = typer.Option(..., "--out", help="New output directory."),
     as_json: bool = JSON_OPT,
 ):
-    """Export a distilled student (safetensors, diffusers, LoRA)."""
-    raise FewstepError("nothing to export yet: students come from `fewstep distill`, which arrives with the "
-                       "distillation engine")
+    """Export a distilled student: weights + config that `fewstep sample --model DIR` loads."""
+    from fewstep import api
+
+    result = api.export(run, out, format=format)
+    emit(result, as_json, "fewstep export")
 
 
 def main(argv: list[str] | None = None) -> None:

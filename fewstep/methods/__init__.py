@@ -1,19 +1,21 @@
-"""Distillation methods, registered by name (the registry fills up with the distillation engine)."""
+"""Distillation methods, registered by name (`fewstep distill --method NAME`, `fewstep methods`)."""
 
 from __future__ import annotations
 
-_REGISTRY: dict[str, type] = {}
+from fewstep.methods.base import (
+    Batch,
+    DistillMethod,
+    MethodConfig,
+    Phase,
+    Role,
+    StepContext,
+    available_methods,
+    build_method_config,
+    get_method,
+    register_method,
+)
 
-
-def register_method(name: str):
-    """Class decorator: make a method available as `fewstep distill --method NAME`."""
-
-    def deco(cls):
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+__all__ = [
+    "Batch", "DistillMethod", "MethodConfig", "Phase", "Role", "StepContext", "available_methods",
+    "build_method_config", "get_method", "register_method",
+]

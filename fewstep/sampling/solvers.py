@@ -190,24 +190,54 @@ def _integrate(model: _FlowModel, x_f: torch.Tensor, s: list[float], solver: str
 def ode_solve(denoiser, x: torch.Tensor, timesteps, *, solver: str = "heun", cond=None, guidance=1.0) -> torch.Tensor:
     """Integrate the teacher's probability-flow ODE from state `x` at timesteps[0] to timesteps[-1].
 
-    `timesteps` are decreasing model times (at least 2); all but the last must be noisy, the last may
-    be clean (then the result is the clean sample). One step between two times is what consistency
-    distillation needs (a DDIM/Euler or Heun step of the teacher). The result is in the model's own
-    process (x at timesteps[-1]), in the dtype of `x`.
+    `timesteps` are decreasing model times: shape (n + 1,), or (n + 1, B) for a different path per
+    sample (Euler and Heun; DPM-Solver++(2M) for a single step, where it is Euler). All but the last
+    must be noisy; the last may be clean (then the result is the clean sample). One step between two
+    times is what consistency distillation needs. The result is the state at timesteps[-1] in the
+    model's own process, in the dtype of `x`.
     """
     check_solver(solver)
     if solver == "fewstep":
         raise FewstepError("ode_solve needs an ODE solver (euler, heun, dpm++2m), not 'fewstep'")
     process = denoiser.process
-    ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).flatten()
-    if ts.numel() < 2 or not bool(torch.all(ts[1:] < ts[:-1])):
+    ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64)
+    if ts.ndim not in (1, 2) or ts.shape[0] < 2 or not bool(torch.all(ts[1:] < ts[:-1])):
         raise FewstepError(f"ode_solve needs at least 2 strictly decreasing times, got {ts.tolist()}")
     if not bool(torch.all(flow_time(process, ts[:-1]) > 0)):
         raise FewstepError(f"only the last time may be clean, got {ts.tolist()}")
-    model = _FlowModel(denoiser, ts, cond, guidance, x.dtype)
     work = torch.promote_types(x.dtype, torch.float32)
-    x_f = _integrate(model, x.to(work) / model.c[0], model.s, solver)
-    return (x_f * model.c[-1]).to(x.dtype)
+    if ts.ndim == 1:
+        model = _FlowModel(denoiser, ts, cond, guidance, x.dtype)
+        x_f = _integrate(model, x.to(work) / model.c[0], model.s, solver)
+        return (x_f * model.c[-1]).to(x.dtype)
+    if ts.shape[1] != x.shape[0]:
+        raise FewstepError(f"per-sample timesteps have {ts.shape[1]} columns for a batch of {x.shape[0]}")
+    if solver == "dpm++2m" and ts.shape[0] > 2:
+        raise FewstepError("per-sample timesteps support dpm++2m for one step only (it is Euler there)")
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    s_all = flow_time(process, ts).to(x.device, work)
+    c_all = flow_scale(process, ts).to(x.device, work)
+
+    def evaluate(x_f, i):
+        s = s_all[i].reshape(shape)
+        x_m = (x_f * c_all[i].reshape(shape)).to(x.dtype)
+        t = ts[i].to(x.device, torch.promote_types(x.dtype, torch.float32))
+        x0 = denoiser(x_m, t, cond, guidance).to(work)
+        return x0, (x_f - (1.0 - s) * x0) / s.clamp_min(1e-12)
+
+    x_f = x.to(work) / c_all[0].reshape(shape)
+    for i in range(ts.shape[0] - 1):
+        si, sn = s_all[i].reshape(shape), s_all[i + 1].reshape(shape)
+        x0, eps = evaluate(x_f, i)
+        euler = (1.0 - sn) * x0 + sn * eps
+        if solver == "heun" and bool(torch.any(sn > 0)):
+            v = eps - x0
+            x0_2, eps_2 = evaluate(x_f + (sn - si) * v, i + 1)
+            heun = x_f + (sn - si) * 0.5 * (v + (eps_2 - x0_2))
+            x_f = torch.where(sn > 0, heun, euler)  # a clean endpoint is a plain Euler step, as in `sample`
+        else:
+            x_f = euler
+    return (x_f * c_all[-1].reshape(shape)).to(x.dtype)
 
 
 def sample_fewstep(

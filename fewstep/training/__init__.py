@@ -1,0 +1,52 @@
+"""The distillation trainer (accelerate) and `distill()`, the function behind `fewstep distill`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fewstep.training.config import RECIPES, DistillConfig, load_yaml
+
+
+def distill(config: str | Path | dict | DistillConfig | None = None, *, resume: bool = False, progress=None,
+            progress_eval=None, teacher_model=None, **overrides) -> dict:
+    """Distill a teacher into a few-step student; returns a JSON-able summary (with the quality table).
+
+    `config`: a YAML recipe path, a dict or a DistillConfig; keyword `overrides` win over it (each is a
+    DistillConfig field: method, teacher, iters, batch_size, lr, out, ...). With `resume=True`, `out`
+    names an existing run, which continues from its latest checkpoint. `teacher` may pass an already
+    loaded Denoiser (then the `teacher` field only names it). `progress(iteration, total, losses)` is called
+    every iteration.
+    """
+    from accelerate.state import PartialState
+
+    from fewstep.training.trainer import Trainer, prepare_run, write_config
+
+    values: dict = {}
+    explicit: set[str] = set()
+    if isinstance(config, (str, Path)):
+        values.update(load_yaml(config))
+    elif isinstance(config, DistillConfig):
+        values.update(dataclasses.asdict(config))
+    elif isinstance(config, dict):
+        values.update(config)
+    explicit |= set(values)
+    values.update(overrides)
+    explicit |= set(overrides)
+    state = PartialState()
+    cfg = prepare_run(values, explicit=explicit, resume=resume, check_out=state.is_main_process)
+    if not resume and state.is_main_process:
+        write_config(cfg)
+    state.wait_for_everyone()
+    trainer = Trainer(cfg, resume=resume, progress=progress, teacher=teacher_model)
+    summary = trainer.train()
+    result = {"run": str(cfg.out), "method": cfg.method, "teacher": cfg.teacher, **summary}
+    if summary["finished"]:
+        result.update(trainer.finish(progress_eval))
+    else:
+        result["checkpoint"] = str(Path(cfg.out) / "checkpoints")
+        result["resume_with"] = f"fewstep distill --resume --out {cfg.out}"
+    return result
+
+
+__all__ = ["RECIPES", "DistillConfig", "distill"]

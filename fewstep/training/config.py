@@ -1,0 +1,149 @@
+"""The distillation run's configuration: one dataclass, one CLI flag per field, YAML recipes.
+
+Resolution order: dataclass defaults < the method's recipe for the teacher's data kind (RECIPES)
+< a YAML file (`--config`) < explicit flags. The resolved config is saved as `config.yaml` in the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fewstep.errors import FewstepError
+
+EMA_TYPES = ("none", "fixed", "power")
+PRECISIONS = ("no", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class DistillConfig:
+    method: str = "cd"
+    teacher: str = "toy:checkerboard"
+    out: str | None = None  # run directory (default: runs/<method>-<teacher>-<time>)
+    data: str | None = None  # real data for methods that need it (default: the teacher's training data)
+    iters: int | None = None  # None: the method's recipe for this kind of data
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_schedule: str = "constant"  # constant | cosine (after the warm-up)
+    warmup: int = 100  # linear LR warm-up iterations
+    grad_clip: float = 1.0  # max grad norm per trained network (0 = off)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
+    ema: str = "fixed"  # EMA of the student used for sampling: none | fixed | power
+    ema_decay: float = 0.999  # fixed EMA decay
+    ema_gamma: float = 6.94  # power EMA exponent (Karras et al. 2024): beta_t = (1 - 1/t)^(gamma + 1)
+    guidance: float = 1.0  # teacher CFG scale (methods that guide the teacher with a fixed scale)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 50
+    sample_every: int = 500  # write a sample grid every N iterations (0 = only at the end)
+    checkpoint_every: int = 500  # 0 = only at the end
+    keep_checkpoints: int = 2
+    eval: bool = True  # final quality table (teacher vs student on the built-in metric)
+    eval_num: int | None = None  # samples for the quality table (default: 4096 toys, 2000 digits)
+    eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    stop_after: int | None = None  # stop (with a checkpoint) after this many iterations of this invocation
+    options: dict = field(default_factory=dict)  # the method's own hyperparameters (`--opt KEY=VALUE`)
+
+
+# (method, data kind) -> defaults for the run and the method's options; tuned on the built-in teachers
+RECIPES: dict[tuple[str, str], dict] = {
+    ("cd", "2d"): {"iters": 2000, "batch_size": 512, "lr": 1e-3, "ema_decay": 0.995},
+    ("cd", "image"): {"iters": 3000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.999},
+    ("lcm", "2d"): {"iters": 2000, "batch_size": 512, "lr": 1e-3, "ema_decay": 0.995},
+    ("lcm", "image"): {"iters": 3000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.999},
+}
+FALLBACK = {"iters": 1000, "batch_size": 64, "lr": 1e-4}
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"--config {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FewstepError(f"cannot parse {str(path)!r}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise FewstepError(f"{str(path)!r} must hold a mapping of config fields")
+    return data
+
+
+def make_config(values: dict) -> DistillConfig:
+    """A DistillConfig from a dict; unknown keys are a one-line error naming the allowed ones."""
+    known = config_fields()
+    bad = sorted(set(values) - set(known))
+    if bad:
+        raise FewstepError(f"unknown config field(s) {', '.join(bad)}; allowed: {', '.join(known)}")
+    cfg = DistillConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DistillConfig) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise FewstepError(msg)
+
+    for name in ("iters", "batch_size", "grad_accum", "eval_num"):
+        v = getattr(cfg, name)
+        need(v is None or (isinstance(v, int) and v >= 1), f"--{name.replace('_', '-')} must be an integer >= 1, "
+                                                           f"got {v!r}")
+    need(cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    need(cfg.ema in EMA_TYPES, f"unknown --ema {cfg.ema!r}; allowed: {', '.join(EMA_TYPES)}")
+    need(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    need(cfg.mixed_precision in PRECISIONS,
+         f"unknown --mixed-precision {cfg.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}")
+    need(cfg.device in DEVICES, f"unknown --device {cfg.device!r}; allowed: {', '.join(DEVICES)}")
+    need(cfg.lr_schedule in LR_SCHEDULES,
+         f"unknown --lr-schedule {cfg.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+    for name in ("warmup", "log_every", "sample_every", "checkpoint_every"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
+    need(cfg.guidance >= 0, f"--guidance must be >= 0, got {cfg.guidance}")
+    need(cfg.stop_after is None or cfg.stop_after >= 1, f"--stop-after must be >= 1, got {cfg.stop_after}")
+    need(all(isinstance(s, int) and s >= 1 for s in cfg.eval_steps), f"--eval-steps must be integers >= 1, "
+                                                                      f"got {cfg.eval_steps}")
+    need(isinstance(cfg.options, dict), "options must be a mapping of the method's hyperparameters")
+
+
+def resolve(cfg: DistillConfig, data_kind: str, explicit: set[str]) -> DistillConfig:
+    """Fill the fields left to the recipe (iters, batch size, lr, ema decay...) for this method and data kind.
+
+    `explicit`: the fields the user set (YAML or flags); the recipe never overrides those.
+    """
+    recipe = dict(RECIPES.get((cfg.method, data_kind), FALLBACK))
+    values = dataclasses.asdict(cfg)
+    for key, value in recipe.items():
+        if key == "options":
+            values["options"] = {**value, **values["options"]}
+        elif key not in explicit:
+            values[key] = value
+    out = DistillConfig(**values)
+    validate(out)
+    return out
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE parsed as YAML (so 20 -> int, 1e-3 -> float, true -> bool, [1,2] -> list)."""
+    import yaml
+
+    if "=" not in text:
+        raise FewstepError(f"--opt needs KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key, value

@@ -1,0 +1,87 @@
+"""What a run shows: sample grids during training and the final quality table (teacher vs student)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from fewstep.fileio import atomic_write
+
+DEFAULT_EVAL_NUM = {"2d": 4096, "image": 2000}
+GRID_SEED = 1234  # sample grids use fixed per-sample seeds, separate from the training RNG
+EVAL_SEED = 0
+
+
+def save_sample_grid(denoiser, path: Path, steps: int = 1, num: int | None = None) -> Path:
+    """A PNG of the model's samples: an image grid (64 images) or a 2-D scatter plot (4096 points)."""
+    from fewstep.outputs import image_grid, scatter_png
+    from fewstep.sampling import generate
+
+    two_d = denoiser.data_shape is not None and len(denoiser.data_shape) == 1
+    num = num or (4096 if two_d else 64)
+    solver = denoiser.meta.get("default_solver", "fewstep")
+    x, _ = generate(denoiser, num, steps=steps, solver=solver, seed=GRID_SEED, batch_size=1024,
+                    renoise=denoiser.meta.get("default_renoise", "fresh"),
+                    guidance=float(denoiser.meta.get("default_guidance", 1.0)))
+    im = scatter_png(x, extent=4.5) if two_d else image_grid(x, nrow=8, scale=max(1, 128 // x.shape[-1]))
+    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def evaluate_model(denoiser, data: str, *, steps: int, solver: str, num: int, seed: int = EVAL_SEED,
+                   guidance: float = 1.0, renoise: str = "fresh") -> dict:
+    """The built-in metric of `num` samples (steps, solver) against the data's held-out reference."""
+    from fewstep.eval import default_metric, evaluate
+    from fewstep.sampling import generate
+
+    x, labels = generate(denoiser, num, steps=steps, solver=solver, seed=seed, batch_size=1024,
+                         guidance=guidance, renoise=renoise)
+    metric = default_metric(data)
+    res = evaluate(metric, x, None, data=data, labels=labels)
+    return {"metric": metric, "value": float(res["value"]), "n_samples": int(num)}
+
+
+@functools.lru_cache(maxsize=32)
+def _teacher_metric_cached(teacher_spec: str, data: str, steps: int, solver: str, num: int, guidance: float):
+    from fewstep.teachers import load_teacher
+
+    return evaluate_model(load_teacher(teacher_spec), data, steps=steps, solver=solver, num=num, guidance=guidance)
+
+
+def teacher_metric(teacher, teacher_spec: str | None, data: str, *, steps: int, solver: str, num: int,
+                   guidance: float = 1.0) -> dict:
+    """Like evaluate_model for a teacher; results for a named teacher are cached within the process."""
+    if teacher_spec is not None:
+        return dict(_teacher_metric_cached(str(teacher_spec), data, steps, solver, num, guidance))
+    return evaluate_model(teacher, data, steps=steps, solver=solver, num=num, guidance=guidance)
+
+
+def quality_table(teacher, student, data: str, *, num: int, student_steps=(1, 2, 4), teacher_spec: str | None = None,
+                  guidance: float = 1.0, progress=None) -> list[dict]:
+    """Rows: the teacher at its best setting (its default solver and step count), the teacher at 1
+    Euler step, and the student at each of `student_steps` with its own sampler."""
+    tm = teacher.meta
+    best_steps, best_solver = int(tm.get("default_steps", 50)), str(tm.get("default_solver", "heun"))
+    rows = []
+    for label, steps, solver in (("teacher (best)", best_steps, best_solver), ("teacher", 1, "euler")):
+        r = teacher_metric(teacher, teacher_spec, data, steps=steps, solver=solver, num=num, guidance=guidance)
+        rows.append({"model": label, "solver": solver, "steps": steps, **r})
+        if progress:
+            progress()
+    sm = student.meta
+    for steps in student_steps:
+        r = evaluate_model(student, data, steps=int(steps), solver=sm.get("default_solver", "fewstep"), num=num,
+                           guidance=float(sm.get("default_guidance", 1.0)),
+                           renoise=sm.get("default_renoise", "fresh"))
+        rows.append({"model": "student", "solver": sm.get("default_solver", "fewstep"), "steps": int(steps), **r})
+        if progress:
+            progress()
+    return rows
+
+
+def table_text(rows: list[dict]) -> str:
+    """A plain-text table of quality rows (for logs and the README)."""
+    lines = [f"{'model':<16} {'solver':<8} {'steps':>5}  {'metric':<10} {'value':>9}"]
+    for r in rows:
+        lines.append(f"{r['model']:<16} {r['solver']:<8} {r['steps']:>5}  {r['metric']:<10} {r['value']:>9.4f}")
+    return "\n".join(lines)
+

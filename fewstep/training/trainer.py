@@ -1,0 +1,426 @@
+"""The distillation trainer: one loop for every method, on accelerate.
+
+The method supplies networks by role, optimizer settings, phases (which roles a phase trains and how
+often it runs) and the loss of each phase; the trainer owns devices, mixed precision, DDP/FSDP
+wrapping, gradient accumulation, clipping, LR warm-up, EMAs, seeds, logging, sample grids,
+checkpoints (atomic; `resume` continues the latest bit-exactly on CPU), the NaN guard and the final
+quality table. A run directory holds config.yaml, log.jsonl, metrics.json, samples/*.png,
+student/ (the weights to sample with: the EMA when enabled) and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.fileio import atomic_write
+from fewstep.methods.base import Batch, StepContext, build_method_config, get_method
+from fewstep.training import checkpoint as ckpt
+from fewstep.training.config import DistillConfig, make_config, resolve
+from fewstep.training.ema import ema_decay_at, ema_update
+from fewstep.training.report import DEFAULT_EVAL_NUM, quality_table, save_sample_grid, table_text
+
+CONFIG_YAML = "config.yaml"
+LOG = "log.jsonl"
+METRICS = "metrics.json"
+STUDENT = "student"
+STUDENT_ONLINE = "student_online"
+SAMPLES = "samples"
+# fields that may differ when a run is resumed (they do not change what is trained)
+RESUME_OVERRIDABLE = {"iters", "stop_after", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                      "eval", "eval_num", "eval_steps", "device", "out"}
+
+
+class TrainingDiverged(FewstepError):
+    """A loss became NaN or infinite; the run stopped and its last good checkpoint is intact."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text)).name if "/" in str(text) else str(text)).strip("_")
+
+
+def default_run_dir(method: str, teacher: str) -> Path:
+    return Path("runs") / f"{method}-{_slug(teacher)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    import yaml
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(data, sort_keys=False)))
+
+
+def _make_accelerator(cfg: DistillConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FewstepError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    # a second run in the same process may ask for another precision: start accelerate's state afresh
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+
+
+class Trainer:
+    """Build a run from a resolved DistillConfig (or resume one) and train it."""
+
+    def __init__(self, cfg: DistillConfig, *, teacher=None, resume: bool = False, progress=None):
+        from fewstep.api import load_model
+
+        self.cfg = cfg
+        self.progress = progress
+        self.accelerator = acc = _make_accelerator(cfg)
+        self.device = acc.device
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.teacher = teacher if teacher is not None else load_model(cfg.teacher)
+        self.teacher.to(self.device).requires_grad_(False).eval()
+        self.out = Path(cfg.out)
+        self.method = get_method(cfg.method)(self.teacher, build_method_config(cfg.method, cfg.options),
+                                             guidance=cfg.guidance)
+        self.phases = self.method.phases()
+        self.data_name = cfg.data or self.teacher.meta.get("data")
+        self.source = self._data_source()
+
+        torch.manual_seed(cfg.seed)  # identical initialisation of new parameters on every rank
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank + 1)
+        self.roles = self.method.networks()
+        if "student" not in self.roles or not self.roles["student"].trainable:
+            raise FewstepError(f"method {cfg.method!r} must define a trainable 'student' role")
+        self.nets, self.opts = {}, {}
+        for name, role in self.roles.items():
+            role.module.to(self.device)
+            if role.trainable:
+                role.module.requires_grad_(True).train()
+                opt = torch.optim.AdamW(role.module.parameters(), lr=self._base_lr(name), betas=tuple(role.betas),
+                                        weight_decay=role.weight_decay)
+                self.nets[name], self.opts[name] = acc.prepare(role.module, opt)
+            else:
+                role.module.requires_grad_(False).eval()
+                self.nets[name] = role.module
+        self.student = self.roles["student"].module  # unwrapped
+        self.ema = None
+        if cfg.ema != "none":
+            self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.iteration = 0
+        self.loss_avg: dict[str, float] = {}
+        self.elapsed = 0.0
+        if resume:
+            self._load(ckpt.latest_checkpoint(self.out))
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _base_lr(self, role: str) -> float:
+        return float(self.cfg.lr) * float(self.roles[role].lr_scale)
+
+    def _data_source(self):
+        from fewstep.data import get_data
+
+        needs = self.method.needs_data
+        if not needs and self.teacher.cond_kind != "class":
+            return None
+        if self.data_name is None:
+            if needs:
+                raise FewstepError(f"method {self.cfg.method!r} trains on real data: pass --data NAME|FOLDER "
+                                   "(the teacher does not say what it was trained on)")
+            return None
+        src = get_data(self.data_name)
+        if self.teacher.data_shape is not None and tuple(src.shape) != tuple(self.teacher.data_shape):
+            raise FewstepError(f"--data {self.data_name!r} has shape {tuple(src.shape)}, the teacher "
+                               f"{tuple(self.teacher.data_shape)}")
+        return src
+
+    def _batch(self) -> Batch:
+        b = int(self.cfg.batch_size)
+        x0 = labels = None
+        if self.source is not None:
+            x0, labels = self.source.sample(b, self.gen)
+            if not self.method.needs_data:
+                x0 = None
+        if self.teacher.cond_kind == "class" and labels is None:
+            labels = torch.randint(0, int(self.teacher.num_classes), (b,), generator=self.gen)
+        return Batch(size=b, cond=labels.to(self.device) if labels is not None else None,
+                     x0=x0.to(self.device) if x0 is not None else None)
+
+    def _lr_factor(self, it: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup and it < cfg.warmup:
+            return (it + 1) / cfg.warmup
+        if cfg.lr_schedule == "cosine":
+            p = (it - cfg.warmup) / max(1, cfg.iters - cfg.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        return 1.0
+
+    # -- training ---------------------------------------------------------------------------------
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        ok = torch.tensor([1.0 if bool(torch.isfinite(value.detach()).all()) else 0.0], device=self.device)
+        if self.world > 1:
+            ok = self.accelerator.reduce(ok, reduction="sum") / self.world
+        return bool(ok.item() == 1.0)
+
+    def _diverged(self, phase: str, losses: dict, it: int):
+        last = ckpt.latest_checkpoint(self.out)
+        bad = {k: float(v.detach().float().item()) for k, v in losses.items()}
+        self._log({"iteration": it + 1, "event": "diverged", "phase": phase, "losses": bad})
+        where = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"the {phase} loss became non-finite ({bad}) at iteration {it + 1}; stopped. "
+                               f"{where} (resume with --resume --out {self.out} after lowering --lr or --grad-clip)")
+
+    def _phase_step(self, phase, it: int) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        for opt in self.opts.values():  # grads a phase leaves on networks it does not train are dropped
+            opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            ctx = StepContext(iteration=it, generator=self.gen, device=self.device)
+            last = micro == cfg.grad_accum - 1
+            with contextlib.ExitStack() as stack:
+                if not last and self.world > 1:
+                    for r in phase.trains:
+                        stack.enter_context(acc.no_sync(self.nets[r]))
+                with acc.autocast():
+                    losses = self.method.loss(phase.name, self._batch(), self.nets, ctx)
+                loss = losses["loss"]
+                if not self._all_finite(loss):
+                    self._diverged(phase.name, losses, it)
+                acc.backward(loss / cfg.grad_accum)
+            for k, v in losses.items():
+                totals[f"{phase.name}/{k}"] = totals.get(f"{phase.name}/{k}", 0.0) + float(v.detach()) / cfg.grad_accum
+        for r in phase.trains:
+            if cfg.grad_clip > 0:
+                acc.clip_grad_norm_(self.nets[r].parameters(), cfg.grad_clip)
+            self.opts[r].step()
+            self.opts[r].zero_grad(set_to_none=True)
+        for role in self.roles.values():
+            if role.ema_of in phase.trains:
+                ema_update(role.module, self.roles[role.ema_of].module, role.ema_decay)
+        return totals
+
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        total = int(cfg.iters)
+        stop_at = total if cfg.stop_after is None else min(total, self.iteration + cfg.stop_after)
+        t_start = time.perf_counter()
+        it_start = self.iteration
+        while self.iteration < stop_at:
+            it = self.iteration
+            factor = self._lr_factor(it)
+            for name, opt in self.opts.items():
+                for g in opt.param_groups:
+                    g["lr"] = self._base_lr(name) * factor
+            step_losses = {}
+            for phase in self.phases:
+                if it % phase.every == 0:
+                    step_losses.update(self._phase_step(phase, it))
+            if self.ema is not None:
+                ema_update(self.ema, self.student, ema_decay_at(cfg.ema, it + 1, cfg.ema_decay, cfg.ema_gamma))
+            for k, v in step_losses.items():
+                self.loss_avg[k] = v if k not in self.loss_avg else 0.9 * self.loss_avg[k] + 0.1 * v
+            self.iteration = it + 1
+            now = time.perf_counter()
+            if self.progress is not None:
+                self.progress(self.iteration, total, dict(self.loss_avg))
+            if cfg.log_every and self.iteration % cfg.log_every == 0:
+                rate = (self.iteration - it_start) / max(now - t_start, 1e-9)
+                self._log({"iteration": self.iteration, "lr": self._base_lr("student") * factor,
+                           "losses": {k: round(v, 6) for k, v in step_losses.items()},
+                           "losses_avg": {k: round(v, 6) for k, v in self.loss_avg.items()},
+                           "it_per_s": round(rate, 3), "elapsed_s": round(self.elapsed + now - t_start, 2)})
+            if cfg.sample_every and self.iteration % cfg.sample_every == 0 and acc.is_main_process:
+                save_sample_grid(self.sampling_model(), self.out / SAMPLES / f"step_{self.iteration:08d}.png")
+            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                self.elapsed += time.perf_counter() - t_start
+                t_start, it_start = time.perf_counter(), self.iteration
+                self.save_checkpoint()
+        self.elapsed += time.perf_counter() - t_start
+        if ckpt.latest_checkpoint(self.out) is None or not ckpt.latest_checkpoint(self.out).name.endswith(
+                f"{self.iteration:08d}"):
+            self.save_checkpoint()
+        return {"iterations": self.iteration, "finished": self.iteration >= total,
+                "train_seconds": round(self.elapsed, 2)}
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def sampling_model(self):
+        """The student used for sampling and evaluation: the EMA when enabled, with the method's sampler meta."""
+        model = self.ema if self.ema is not None else self.student
+        model.meta.update(self._student_meta())
+        return model
+
+    def _student_meta(self) -> dict:
+        cfg = self.cfg
+        return {**self.method.student_meta(), "method": cfg.method, "distilled_from": cfg.teacher,
+                "iterations": self.iteration, "data": self.data_name or self.teacher.meta.get("data"),
+                "kind": self.teacher.meta.get("kind")}
+
+    def _log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {"optimizers": {}, "loss_avg": self.loss_avg, "elapsed_s": self.elapsed,
+                      "world_size": self.world}
+        for name, role in self.roles.items():
+            if role.trainable or role.ema_of:
+                for k, v in role.module.state_dict().items():
+                    tensors[f"net.{name}.{k}"] = v
+        if self.ema is not None:
+            for k, v in self.ema.state_dict().items():
+                tensors[f"ema.student.{k}"] = v
+        for name, opt in self.opts.items():
+            t, m = ckpt.flatten_optimizer(f"opt.{name}", opt.state_dict())
+            tensors.update(t)
+            meta["optimizers"][name] = m
+        gen_state = self.gen.get_state()
+        cpu_state = torch.get_rng_state()
+        if self.world > 1:  # every rank's streams, so a resumed multi-process run continues each of them
+            gen_state = acc.gather(gen_state.to(self.device)[None]).cpu()
+            cpu_state = acc.gather(cpu_state.to(self.device)[None]).cpu()
+        else:
+            gen_state, cpu_state = gen_state[None], cpu_state[None]
+        tensors["rng.generator"], tensors["rng.torch"] = gen_state, cpu_state
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        path = None
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(self.out, self.iteration, tensors, meta, keep=self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    def _load(self, path: Path | None) -> None:
+        if path is None:
+            raise FewstepError(f"nothing to resume in {str(self.out)!r}: it has no complete checkpoint")
+        tensors, meta = ckpt.load_checkpoint(path)
+        if meta.get("world_size", 1) != self.world:
+            raise FewstepError(f"{str(path)!r} was written by {meta.get('world_size')} processes; resume it with "
+                               f"the same number (this launch has {self.world})")
+
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        for name, role in self.roles.items():
+            if role.trainable or role.ema_of:
+                role.module.load_state_dict(part(f"net.{name}."))
+        if self.ema is not None:
+            self.ema.load_state_dict(part("ema.student."))
+        for name, opt in self.opts.items():
+            opt.load_state_dict(ckpt.unflatten_optimizer(f"opt.{name}", tensors, meta["optimizers"][name]))
+        self.gen.set_state(tensors["rng.generator"][self.rank].clone())
+        torch.set_rng_state(tensors["rng.torch"][self.rank].clone())
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.iteration = int(meta["iteration"])
+        self.loss_avg = dict(meta.get("loss_avg", {}))
+        self.elapsed = float(meta.get("elapsed_s", 0.0))
+        self._truncate_log(self.iteration)
+
+    def _truncate_log(self, iteration: int) -> None:
+        """Drop log lines past the checkpoint we resume from (they will be written again)."""
+        log = self.out / LOG
+        if not log.is_file() or not self.accelerator.is_main_process:
+            return
+        keep = []
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if int(rec.get("iteration", 0)) <= iteration:
+                keep.append(line)
+        atomic_write(log, lambda tmp: Path(tmp).write_text("".join(s + "\n" for s in keep)))
+
+    def finish(self, progress_eval=None) -> dict:
+        """Save the student (and raw online weights), grids for each evaluated step count, the quality table."""
+        from fewstep.models.io import save_denoiser
+
+        cfg, acc = self.cfg, self.accelerator
+        result: dict = {"run": str(self.out), "method": cfg.method, "teacher": cfg.teacher,
+                        "iterations": self.iteration, "train_seconds": round(self.elapsed, 2)}
+        if not acc.is_main_process:
+            return result
+        model = self.sampling_model()
+        save_denoiser(model, self.out / STUDENT)
+        if self.ema is not None:
+            online = self.student
+            online.meta.update(self._student_meta())
+            save_denoiser(online, self.out / STUDENT_ONLINE)
+        for steps in cfg.eval_steps:
+            save_sample_grid(model, self.out / SAMPLES / f"final_{steps}step.png", steps=steps)
+        result["student"] = str(self.out / STUDENT)
+        rows = []
+        data = self.data_name or self.teacher.meta.get("data")
+        if cfg.eval and data is not None:
+            kind = "2d" if len(self.teacher.data_shape) == 1 else "image"
+            num = cfg.eval_num or DEFAULT_EVAL_NUM[kind]
+            spec = cfg.teacher if not Path(cfg.teacher).exists() else None
+            t0 = time.perf_counter()
+            rows = quality_table(self.teacher, model, data, num=num, student_steps=tuple(cfg.eval_steps),
+                                 teacher_spec=spec, guidance=cfg.guidance, progress=progress_eval)
+            result["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        result["table"] = rows
+        metrics = {k: v for k, v in result.items()}
+        atomic_write(self.out / METRICS, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+        if rows:
+            self._log({"iteration": self.iteration, "event": "quality", "table": rows})
+            result["table_text"] = table_text(rows)
+        return result
+
+
+def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check_out: bool = True) -> DistillConfig:
+    """Resolve a config dict (defaults < recipe < YAML/flags) and set up the run directory.
+
+    New run: `out` must not exist or be empty; config.yaml is written. Resume: `out` must hold a run;
+    its config.yaml is used, with only RESUME_OVERRIDABLE fields taken from `values`.
+    """
+    from fewstep.api import load_model
+    from fewstep.outputs import ensure_new_path
+
+    if resume:
+        out = values.get("out")
+        if not out:
+            raise FewstepError("--resume needs --out RUN_DIR (the run to continue)")
+        path = Path(out) / CONFIG_YAML
+        if not path.is_file():
+            raise FewstepError(f"nothing to resume: {str(path)!r} not found")
+        from fewstep.training.config import load_yaml
+
+        saved = load_yaml(path)
+        changed = sorted(k for k in explicit if k not in RESUME_OVERRIDABLE and values.get(k) != saved.get(k))
+        if changed:
+            raise FewstepError(f"cannot change {', '.join(changed)} when resuming (only "
+                               f"{', '.join(sorted(RESUME_OVERRIDABLE - {'out'}))} may change)")
+        merged = {**saved, **{k: values[k] for k in explicit if k in RESUME_OVERRIDABLE}}
+        merged["out"] = str(out)
+        cfg = make_config(merged)
+        ckpt.remove_partial_checkpoints(out)
+        return cfg
+    cfg = make_config(values)
+    teacher = load_model(cfg.teacher)
+    kind = "2d" if teacher.data_shape is not None and len(teacher.data_shape) == 1 else "image"
+    cfg = resolve(cfg, kind, explicit)
+    # bad method options fail here, before the run directory is made
+    get_method(cfg.method)(teacher, build_method_config(cfg.method, cfg.options), guidance=cfg.guidance)
+    if cfg.out is None:
+        cfg = dataclasses.replace(cfg, out=str(default_run_dir(cfg.method, cfg.teacher)))
+    if check_out:  # only the main process checks: the others may already see the directory it made
+        ensure_new_path(cfg.out, "--out")
+    return cfg
+
+
+def write_config(cfg: DistillConfig) -> None:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_yaml(out / CONFIG_YAML, dataclasses.asdict(cfg))
