@@ -1,13 +1,15 @@
 """A small UNet for images (DDPM layout, Ho et al. 2020), with self-attention at the lowest resolution.
 
-Residual blocks (GroupNorm, SiLU, 3x3 convs) receive the time/class embedding; attention uses
-`scaled_dot_product_attention` (forward-mode AD through it needs the MATH backend on CPU).
+Residual blocks (GroupNorm, SiLU, 3x3 convs) receive the time/class embedding; attention goes through
+`fewstep_kernels.attention`, so forward-mode AD (torch.func.jvp, for sCM-style training) works on every
+device and uses the fused flash-attention JVP kernel on CUDA.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from fewstep_kernels import attention
 from torch import nn
 
 from fewstep.models.embeddings import TimeClassEmbedding
@@ -49,7 +51,7 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        o = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        o = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.proj(o.transpose(-1, -2).reshape(b, c, h, w))
 
 
