@@ -55,6 +55,7 @@ class FeatureAccumulator:
         self.n = 0
         self._shift = self._sum = self._outer = None
         self._kept: list[torch.Tensor] = []
+        self._small: list[torch.Tensor] | None = []  # float64 features while n <= dim (low-rank Frechet route)
 
     def add(self, features) -> None:
         f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
@@ -76,6 +77,10 @@ class FeatureAccumulator:
         self.n += f.shape[0]
         if self.keep_features:
             self._kept.append(f.float())
+        if self._small is not None:
+            self._small.append(f)
+            if self.n > f.shape[1]:
+                self._small = None
 
     @property
     def dim(self) -> int | None:
@@ -93,6 +98,13 @@ class FeatureAccumulator:
         gbar = self._sum / self.n
         c = (self._outer - self.n * torch.outer(gbar, gbar)) / (self.n - 1)
         return ((c + c.T) / 2).numpy()
+
+    def covariance_factor(self) -> np.ndarray | None:
+        """G = (F - mean) / sqrt(n - 1) with cov = G^T G, while n <= dim (else None)."""
+        if self._small is None or self.n < 2:
+            return None
+        f = torch.cat(self._small)
+        return ((f - f.mean(0)) / (self.n - 1) ** 0.5).numpy()
 
     def features(self) -> torch.Tensor | None:
         if not self.keep_features:
@@ -450,7 +462,7 @@ def _reference_side(ref, extractor: InceptionFeatures, protocol: dict, need_feat
         if need_features and st["features"] is None:
             raise FewstepError(f"KID and precision/recall need the reference features; {str(ref)!r} has only "
                                "mu and sigma (recompute it with `fewstep eval stats --save-features`)")
-        return {"mu": st["mu"], "sigma": st["sigma"], "n": st["n"], "features": st["features"],
+        return {"mu": st["mu"], "sigma": st["sigma"], "n": st["n"], "features": st["features"], "factor": None,
                 "describe": {"kind": "stats", "path": str(path), "num": st["n"],
                              "image_size": st["protocol"].get("image_size")}}
     if path.is_dir() and _looks_like_model_dir(path):
@@ -459,6 +471,7 @@ def _reference_side(ref, extractor: InceptionFeatures, protocol: dict, need_feat
     source = open_samples(path, batch_size=batch_size)
     acc, info = extract_features(source, extractor, keep_features=need_features, progress=progress, stage="reference")
     return {"mu": acc.mean(), "sigma": acc.cov(), "n": acc.n, "features": acc.features(),
+            "factor": acc.covariance_factor(),
             "describe": {**source.describe(), "image_size": _shape_label(info["image_shapes"])}}
 
 
@@ -498,7 +511,8 @@ def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: st
     ref_side = _reference_side(ref, extractor, protocol, need_features, batch_size, progress)
     acc, info = extract_features(source, extractor, keep_features=need_features, progress=progress,
                                  stage="samples", save_images=save_images)
-    value = frechet_distance(acc.mean(), acc.cov(), ref_side["mu"], ref_side["sigma"])
+    value = frechet_distance(acc.mean(), acc.cov(), ref_side["mu"], ref_side["sigma"],
+                             factor1=acc.covariance_factor(), factor2=ref_side["factor"])
     result = {
         "metric": "fid",
         "value": float(value),
@@ -510,7 +524,8 @@ def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: st
         "ref": ref_side["describe"],
         "seed": int(seed),
         "protocol": {**protocol, "image_size": _shape_label(info["image_shapes"]),
-                     "frechet": "float64 Tr sqrt(sqrt(S1) S2 sqrt(S1)) via symmetric eigendecompositions",
+                     "frechet": "float64; Tr sqrt(S1 S2) from symmetric eigendecompositions (of sqrt(S1) S2 "
+                                "sqrt(S1), or G S2 G^T when S1 = G^T G has rank < 2048)",
                      "covariance": "unbiased (N - 1)"},
     }
     if info["saved_images"] is not None:
