@@ -21,5 +21,15 @@ from fewstep_kernels.attention import (
     attention_jvp,
     resolve_backend,
 )
+from fewstep_kernels.diffusers_attention import FewstepJVPAttnProcessor, install_fewstep_attention
 
-__all__ = ["BACKENDS", "TRITON_AVAILABLE", "FlashAttentionJVP", "attention", "attention_jvp", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "TRITON_AVAILABLE",
+    "FewstepJVPAttnProcessor",
+    "FlashAttentionJVP",
+    "attention",
+    "attention_jvp",
+    "install_fewstep_attention",
+    "resolve_backend",
+]
