@@ -38,6 +38,7 @@ TRITON_AVAILABLE = triton is not None
 INTERPRETED = TRITON_AVAILABLE and bool(triton.knobs.runtime.interpret)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
+_MAX_GRID_Y = 65535
 
 
 def _jit(fn):
@@ -50,11 +51,12 @@ def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     UPCAST: multiply bfloat16 tiles as float32 (exact conversion, same products as a bf16 MMA with
     fp32 accumulation); needed only by the interpreter, whose dot multiplies bf16 bit patterns."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        c = tl.dot(a, b, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        c = tl.dot(a, b)
+    return c
 
 
 @_jit
@@ -104,9 +106,8 @@ def _attention_fwd_kernel(
         offs_n = start_n + offs_n0
         n_mask = offs_n < LK
         nd_mask = n_mask[:, None] & d_mask[None, :]
-        # K is loaded transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain dot.
-        kt_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd
-        kt = tl.load(kt_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        kt = tl.trans(tl.load(k_ptrs, mask=nd_mask, other=0.0))  # (BLOCK_D, BLOCK_N)
         v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
         v = tl.load(v_ptrs, mask=nd_mask, other=0.0)
 
@@ -119,8 +120,8 @@ def _attention_fwd_kernel(
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE_DOT, UPCAST_DOT)
 
         if WITH_JVP:
-            tkt_ptrs = TK + b * stkb + h * stkh + offs_n[None, :] * stkn + offs_d[:, None] * stkd
-            tkt = tl.load(tkt_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+            tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkn + offs_d[None, :] * stkd
+            tkt = tl.trans(tl.load(tk_ptrs, mask=nd_mask, other=0.0))
             tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvn + offs_d[None, :] * stvd
             tv = tl.load(tv_ptrs, mask=nd_mask, other=0.0)
             ds = _mma(tq, kt, IEEE_DOT, UPCAST_DOT) + _mma(q, tkt, IEEE_DOT, UPCAST_DOT)
@@ -184,13 +185,23 @@ def _flash(q, k, v, tq, tk, tv, scale: float, with_jvp: bool):
         out = _flash(*flat, scale, with_jvp)
         return tuple(t.reshape(*lead, *t.shape[-2:]) for t in out) if with_jvp else out.reshape(*lead, *out.shape[-2:])
     B, H, LQ, D = q.shape
-    LK = k.shape[-2]
     o = torch.empty_like(q)
     if with_jvp:
         tq, tk, tv = (t.to(q.dtype) for t in (tq, tk, tv))
         to = torch.empty_like(q)
     else:  # unused pointers: pass real tensors so the signature stays the same
         tq, tk, tv, to = q, k, v, o
+    # the second grid axis (batch * heads) is limited to 65535 programs: launch batch slices
+    step = max(1, _MAX_GRID_Y // H)
+    for b0 in range(0, B, step):
+        sl = slice(b0, b0 + step)
+        _launch(q[sl], k[sl], v[sl], tq[sl], tk[sl], tv[sl], o[sl], to[sl], scale, with_jvp)
+    return (o, to) if with_jvp else o
+
+
+def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool):
+    B, H, LQ, D = q.shape
+    LK = k.shape[-2]
     block_d = max(16, triton.next_power_of_2(D))
     block_m, block_n, num_warps, num_stages = _launch_config(block_d, q.device, LQ, LK)
     grid = (triton.cdiv(LQ, block_m), B * H)
@@ -206,7 +217,6 @@ def _flash(q, k, v, tq, tk, tv, scale: float, with_jvp: bool):
         UPCAST_DOT=INTERPRETED and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return (o, to) if with_jvp else o
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
