@@ -1,4 +1,5 @@
-"""Evaluation for built-in data: toy distances, mode coverage, FD-digits, and the shared Frechet distance.
+"""Evaluation: toy distances, mode coverage, FD-digits, Inception FID/KID/precision-recall, CLIP score,
+and the shared Frechet distance.
 
 Names are imported lazily (PEP 562), so `import fewstep.eval` is cheap and
 `python -m fewstep.eval.digits --train ...` runs without importing its own module twice.
@@ -15,6 +16,11 @@ _EXPORTS = {
     "lower_is_better": "registry",
     "energy_distance": "toy", "gaussians8_coverage": "toy", "mmd_rbf": "toy", "mode_coverage": "toy",
     "sliced_wasserstein": "toy",
+    "FeatureAccumulator": "fid", "compute_fid": "fid", "load_reference_stats": "fid", "open_samples": "fid",
+    "reference_stats": "fid",
+    "FIDInceptionV3": "inception", "InceptionFeatures": "inception", "inception_features": "inception",
+    "kid": "prdc", "precision_recall": "prdc",
+    "CLIPScorer": "clip_score", "compute_clip_score": "clip_score",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -282,6 +282,12 @@ def load_fid_inception_state_dict(path: str | Path) -> FIDInceptionV3:
                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(state, dict):
         raise FewstepError(f"{str(path)!r} is not a state dict (expected pytorch-fid's {PTH_NAME})")
+    return fid_inception_from_state_dict(state, str(path))
+
+
+def fid_inception_from_state_dict(state: dict, name: str = "state dict") -> FIDInceptionV3:
+    """FIDInceptionV3 (eval mode, no grads) with `state` loaded with strict=True; missing BatchNorm
+    `num_batches_tracked` counters (never used in eval mode) are filled with 0."""
     net = FIDInceptionV3()
     state = dict(state)
     for key, buf in net.state_dict().items():
@@ -291,7 +297,7 @@ def load_fid_inception_state_dict(path: str | Path) -> FIDInceptionV3:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise FewstepError(f"{str(path)!r} is not the FID Inception state dict ({first[:200]})") from None
+        raise FewstepError(f"{name!r} is not the FID Inception state dict ({first[:200]})") from None
     return net.eval().requires_grad_(False)
 
 
