@@ -132,9 +132,10 @@ def test_teacher_list_json():
     assert {"toy:checkerboard", "digits"} <= set(names)
 
 
-def test_distill_not_available_yet_is_a_clean_error():
-    r = run("distill")
-    assert_one_line_error(r, "distill")
+def test_distill_bad_method_is_a_clean_error(tmp_path):
+    r = run("distill", "--method", "nope", "--out", tmp_path / "run")
+    assert_one_line_error(r, "nope", "cd")
+    assert not (tmp_path / "run").exists()
 
 
 def test_console_script_json_is_last_stdout_line(tmp_path):

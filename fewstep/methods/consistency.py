@@ -32,7 +32,7 @@ BOUNDARIES = ("auto", "none", "lcm")
 
 @dataclass
 class ConsistencyConfig(MethodConfig):
-    num_timesteps: int = 40  # N: noisy grid times (uniform in the teacher's time), then clean data
+    num_timesteps: int = 18  # N: noisy grid times (uniform in the teacher's time), then clean data (Song: 18)
     skip: int = 1  # k: one teacher step spans k grid intervals
     solver: str = "heun"  # teacher ODE step: euler (DDIM) | heun | dpm++2m
     loss: str = "huber"  # l2 | huber

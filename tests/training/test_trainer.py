@@ -1,0 +1,249 @@
+"""The trainer: run directory, exact resume, atomic checkpoints, NaN guard, update ratios, EMA, config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fewstep.errors import FewstepError
+from fewstep.methods import DistillMethod, Phase, Role
+from fewstep.training import checkpoint as ckpt
+from fewstep.training import distill
+from fewstep.training.ema import ema_decay_at
+from fewstep.training.trainer import TrainingDiverged
+
+FAST = dict(method="cd", teacher="toy:checkerboard", batch_size=32, eval=False, sample_every=0, warmup=2,
+            log_every=1)
+
+
+def weights(run: Path, sub: str = "student") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / sub / "model.safetensors"))
+
+
+def test_run_directory_is_self_describing(tmp_path):
+    run = tmp_path / "run"
+    res = distill(out=str(run), iters=6, checkpoint_every=3, eval_num=256, eval_steps=[1, 2],
+                  **{**FAST, "eval": True, "sample_every": 3})
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["method"] == "cd" and cfg["iters"] == 6 and cfg["batch_size"] == 32
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["model"] for r in metrics["table"]] == ["teacher (best)", "teacher", "student", "student"]
+    assert [r["steps"] for r in metrics["table"]][2:] == [1, 2]
+    assert all(r["metric"] == "swd" and r["value"] > 0 for r in metrics["table"])
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "losses" in r and "event" not in r] == [1, 2, 3, 4, 5, 6]
+    assert {"samples/step_00000003.png", "samples/step_00000006.png", "samples/final_1step.png"} <= {
+        str(p.relative_to(run)) for p in run.rglob("*.png")}
+    assert (run / "student" / "model.safetensors").is_file() and (run / "student_online" / "config.json").is_file()
+    assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step_00000003", "step_00000006"]
+    assert res["student"] == str(run / "student")
+    # the EMA (what is sampled) differs from the online weights after a few steps
+    ema, online = weights(run), weights(run, "student_online")
+    assert any(not torch.equal(ema[k], online[k]) for k in ema)
+
+
+def _resume_matches(tmp_path, **kw):
+    full, split = tmp_path / "full", tmp_path / "split"
+    distill(out=str(full), iters=8, checkpoint_every=0, **kw)
+    res = distill(out=str(split), iters=8, checkpoint_every=0, stop_after=3, **kw)
+    assert not res["finished"] and res["iterations"] == 3 and not (split / "student").exists()
+    distill(out=str(split), resume=True, stop_after=2)  # 3 -> 5
+    distill(out=str(split), resume=True)  # 5 -> 8
+    for sub in ("student", "student_online"):
+        a, b = weights(full, sub), weights(split, sub)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (sub, k)
+    # and the training actually moved the weights
+    from fewstep.teachers import load_teacher
+
+    teacher = load_teacher(kw["teacher"]).net.state_dict()
+    online = weights(full, "student_online")
+    assert any(not torch.equal(online[k], teacher[k]) for k in teacher)
+    log = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == list(range(1, 9))
+
+
+def test_resume_is_bit_exact_2d(tmp_path):
+    _resume_matches(tmp_path, **FAST)
+
+
+def test_resume_is_bit_exact_lcm_digits_with_three_roles(tmp_path):
+    # LCM on the class-conditional digits teacher: student with a guidance input, EMA target, EMA of the student
+    _resume_matches(tmp_path, **{**FAST, "method": "lcm", "teacher": "digits", "batch_size": 8, "ema": "power"})
+
+
+def test_resume_refuses_changed_fields_and_missing_runs(tmp_path):
+    run = tmp_path / "run"
+    distill(out=str(run), iters=4, stop_after=2, **FAST)
+    with pytest.raises(FewstepError, match="cannot change lr"):
+        distill(out=str(run), resume=True, lr=0.5)
+    with pytest.raises(FewstepError, match="nothing to resume"):
+        distill(out=str(tmp_path / "nope"), resume=True)
+
+
+def test_new_run_never_overwrites(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    with pytest.raises(FewstepError, match="already exists"):
+        distill(out=str(run), iters=2, **FAST)
+    assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
+
+
+def test_checkpoint_is_atomic_when_a_save_is_killed(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    distill(out=str(run), iters=4, stop_after=2, **FAST)
+    good = ckpt.latest_checkpoint(run)
+    assert good.name == "step_00000002"
+
+    import safetensors.torch as st
+
+    real_save = st.save_file
+
+    def dying_save(tensors, path, *a, **k):  # writes half a file, then the process "dies"
+        real_save(dict(list(tensors.items())[: len(tensors) // 2]), path, *a, **k)
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(st, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        distill(out=str(run), resume=True, stop_after=1)
+    monkeypatch.setattr(st, "save_file", real_save)
+    # no partial checkpoint looks valid: the latest is still the good one, and it loads
+    assert ckpt.latest_checkpoint(run) == good
+    tensors, meta = ckpt.load_checkpoint(good)
+    assert meta["iteration"] == 2 and any(k.startswith("net.student.") for k in tensors)
+    # a leftover from a save killed by SIGKILL (temp dir never cleaned) is ignored, then removed on resume
+    stale = run / "checkpoints" / ".step_00000003.abc.tmp"
+    stale.mkdir()
+    (stale / "state.json").write_text("{}")
+    assert ckpt.latest_checkpoint(run) == good
+    res = distill(out=str(run), resume=True)
+    assert res["iterations"] == 4 and not stale.exists()
+
+
+class _NaNAfter(DistillMethod):
+    """A one-network method whose loss turns NaN at iteration 3 (0-based)."""
+
+    needs_data = False
+
+    def networks(self):
+        return {"teacher": Role(self.teacher), "student": Role(self.student_from_teacher(), trainable=True)}
+
+    def phases(self):
+        return [Phase("student", ("student",))]
+
+    def loss(self, phase, batch, nets, ctx):
+        x = ctx.randn((batch.size, 2))
+        out = nets["student"](x, torch.full((batch.size,), 0.5), None).pow(2).mean()
+        return {"loss": out * (float("nan") if ctx.iteration >= 3 else 1.0)}
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, register):
+    register("nan-after-3", _NaNAfter)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as e:
+        distill(out=str(run), iters=10, checkpoint_every=2, **{**FAST, "method": "nan-after-3"})
+    msg = str(e.value)
+    assert "non-finite" in msg and "iteration 4" in msg and "step_00000002" in msg and "\n" not in msg
+    assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step_00000002"]
+    assert ckpt.load_checkpoint(run / "checkpoints" / "step_00000002")[1]["iteration"] == 2
+    assert not (run / "student").exists()
+
+
+class _Counting(DistillMethod):
+    """Two phases, the generator every 3rd iteration (DMD2-style TTUR by update ratio)."""
+
+    needs_data = False
+    calls: list = []
+
+    def networks(self):
+        return {"teacher": Role(self.teacher), "student": Role(self.student_from_teacher(), trainable=True),
+                "critic": Role(self.student_from_teacher(), trainable=True, lr_scale=5.0, betas=(0.0, 0.99))}
+
+    def phases(self):
+        return [Phase("critic", ("critic",)), Phase("generator", ("student",), every=3)]
+
+    def loss(self, phase, batch, nets, ctx):
+        type(self).calls.append((ctx.iteration, phase))
+        net = nets["critic"] if phase == "critic" else nets["student"]
+        x = ctx.randn((batch.size, 2))
+        return {"loss": net(x, torch.full((batch.size,), 0.5), None).pow(2).mean()}
+
+
+def test_update_ratio_and_per_role_optimizers(tmp_path, register):
+    register("counting", _Counting)
+    _Counting.calls = []
+    distill(out=str(tmp_path / "run"), iters=7, lr=1e-3, **{**FAST, "method": "counting", "warmup": 0})
+    crit = [i for i, p in _Counting.calls if p == "critic"]
+    gen = [i for i, p in _Counting.calls if p == "generator"]
+    assert crit == list(range(7)) and gen == [0, 3, 6]
+    tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    groups = {k: v["param_groups"][0] for k, v in meta["optimizers"].items()}
+    assert groups["critic"]["lr"] == pytest.approx(5e-3) and groups["student"]["lr"] == pytest.approx(1e-3)
+    assert list(groups["critic"]["betas"]) == [0.0, 0.99]
+    # Adam step counters: 7 critic updates, 3 generator updates
+    assert float(tensors["opt.critic.0.step"]) == 7 and float(tensors["opt.student.0.step"]) == 3
+
+
+def test_grad_accumulation_runs_micro_batches_per_optimizer_step(tmp_path, register):
+    register("counting", _Counting)
+    _Counting.calls = []
+    distill(out=str(tmp_path / "a"), iters=4, grad_accum=2, **{**FAST, "method": "counting", "batch_size": 16})
+    assert [p for i, p in _Counting.calls if i == 0] == ["critic", "critic", "generator", "generator"]
+    tensors, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "a"))
+    assert float(tensors["opt.critic.0.step"]) == 4 and float(tensors["opt.student.0.step"]) == 2
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert "critic/loss" in log[0]["losses"] and "generator/loss" in log[0]["losses"]
+
+
+def test_ema_decays():
+    assert ema_decay_at("fixed", 1, 0.999) == pytest.approx(2 / 11)
+    assert ema_decay_at("fixed", 10_000, 0.999) == 0.999
+    assert ema_decay_at("power", 1, gamma=6.94) == 0.0
+    assert ema_decay_at("power", 100, gamma=6.94) == pytest.approx((1 - 1 / 100) ** 7.94)
+
+
+def test_yaml_recipe_and_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "cd", "teacher": "toy:moons", "iters": 3, "batch_size": 16,
+                                      "options": {"num_timesteps": 10}, "eval": False, "sample_every": 0}))
+    run = tmp_path / "run"
+    distill(str(recipe), out=str(run), iters=2)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["iters"] == 2 and cfg["teacher"] == "toy:moons" and cfg["options"]["num_timesteps"] == 10
+    assert cfg["lr"] == 1e-3  # filled from the cd recipe for 2-D data
+    with pytest.raises(FewstepError, match="unknown config field"):
+        distill({"nope": 1}, out=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(os.environ.get("FEWSTEP_SKIP_DDP") == "1", reason="explicitly disabled")
+def test_two_cpu_processes_hold_identical_weights(tmp_path):
+    """DDP over gloo with two CPU processes (torchrun): both ranks end with the same weights,
+    different from the teacher, and rank 0 writes the run."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("ddp_worker.py")
+    run = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(run)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = sorted((tmp_path / "run").glob("rank*.json"))
+    assert len(digests) == 2
+    a, b = (json.loads(p.read_text()) for p in digests)
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["student"] == b["student"] and a["ema"] == b["ema"]
+    assert a["student"] != a["teacher"]
+    assert a["first_batch"] != b["first_batch"]  # each rank trains on its own data
+    assert (run / "student" / "model.safetensors").is_file()
