@@ -424,6 +424,19 @@ def check_protocol(ref_protocol: dict, protocol: dict, ref_name: str) -> None:
 
 
 # -- the library calls ---------------------------------------------------------------------------------
+def resolve_device(device=None) -> torch.device:
+    """`device`, or CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FewstepError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FewstepError(f"--device {device!r} asked for CUDA, which is not available here")
+    return dev
+
+
 def reference_stats(images, out: str | Path, *, inception: str | Path | None = None, resize: str = "clean",
                     batch_size: int = 64, save_features: bool = False, device=None,
                     progress: Progress | None = None) -> dict:
@@ -434,6 +447,7 @@ def reference_stats(images, out: str | Path, *, inception: str | Path | None = N
     if Path(str(out)).suffix != ".npz":
         raise FewstepError(f"reference statistics are written as .npz; got --out {str(out)!r}")
     check_resize(resize)
+    device = resolve_device(device)
     path = Path(str(images))
     if not path.exists():
         raise FewstepError(f"--images {str(images)!r} does not exist (give an image folder or a samples .npz)")
@@ -490,6 +504,7 @@ def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: st
     check_resize(resize)
     if batch_size < 1:
         raise FewstepError(f"--batch-size must be >= 1, got {batch_size}")
+    device = resolve_device(device)
     ref_path = Path(str(ref))
     if not ref_path.exists():
         raise FewstepError(f"--ref {str(ref)!r} does not exist (give an image folder, a samples .npz or a stats .npz "
@@ -531,13 +546,14 @@ def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: st
     if info["saved_images"] is not None:
         result["saved_images"] = info["saved_images"]
     if kid:
-        k = kid_fn(acc.features(), ref_side["features"], subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+        k = kid_fn(acc.features(), ref_side["features"], subsets=kid_subsets, subset_size=kid_subset_size, seed=seed,
+                   device=device)
         result["kid"] = k["value"]
         result["kid_std"] = k["std"]
         result["protocol"]["kid"] = {"kernel": "(x.y / d + 1)^3", "estimator": "unbiased MMD^2",
                                      "subsets": k["subsets"], "subset_size": k["subset_size"], "seed": int(seed)}
     if pr:
-        p = precision_recall(ref_side["features"], acc.features(), k=pr_k)
+        p = precision_recall(ref_side["features"], acc.features(), k=pr_k, device=device)
         result["precision"], result["recall"] = p["precision"], p["recall"]
         result["protocol"]["precision_recall"] = {"method": "k-NN manifolds (Kynkaanniemi et al. 2019)", "k": p["k"],
                                                   "distance": "Euclidean in pool3 features"}

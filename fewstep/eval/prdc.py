@@ -23,22 +23,23 @@ KID_SUBSET_SIZE = 1000
 PR_K = 3
 
 
-def _as_features(f, what: str) -> torch.Tensor:
+def _as_features(f, what: str, device=None) -> torch.Tensor:
     if isinstance(f, np.ndarray):
         f = torch.from_numpy(f)
-    x = torch.as_tensor(f).detach().double().cpu()
+    x = torch.as_tensor(f).detach().to(device or "cpu", torch.float64)
     if x.ndim != 2:
         raise FewstepError(f"{what} must be an (N, D) feature matrix, got shape {tuple(x.shape)}")
     return x
 
 
-def kid(f1, f2, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict:
+def kid(f1, f2, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0,
+        device=None) -> dict:
     """KID between two (N, D) feature sets: {"value": mean over subsets, "std": their std, "subsets", "subset_size"}.
 
     Each subset draws m = min(N1, N2, subset_size) rows without replacement from each set
-    (numpy Generator seeded with `seed`).
+    (numpy Generator seeded with `seed`). Computed in float64 on `device` (default CPU).
     """
-    x_all, y_all = _as_features(f1, "features"), _as_features(f2, "reference features")
+    x_all, y_all = _as_features(f1, "features", device), _as_features(f2, "reference features", device)
     if x_all.shape[1] != y_all.shape[1]:
         raise FewstepError(f"feature dimensions differ: {x_all.shape[1]} vs {y_all.shape[1]}")
     m = min(x_all.shape[0], y_all.shape[0], int(subset_size))
@@ -50,8 +51,8 @@ def kid(f1, f2, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZ
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(int(subsets)):
-        x = x_all[torch.from_numpy(rng.choice(x_all.shape[0], m, replace=False))]
-        y = y_all[torch.from_numpy(rng.choice(y_all.shape[0], m, replace=False))]
+        x = x_all[torch.from_numpy(rng.choice(x_all.shape[0], m, replace=False)).to(x_all.device)]
+        y = y_all[torch.from_numpy(rng.choice(y_all.shape[0], m, replace=False)).to(y_all.device)]
         kxx = (x @ x.T / d + 1) ** 3
         kyy = (y @ y.T / d + 1) ** 3
         kxy = (x @ y.T / d + 1) ** 3
@@ -67,16 +68,16 @@ def _pairwise_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(0).sqrt()
 
 
-def knn_radii(f, k: int = PR_K, block: int = 1024) -> torch.Tensor:
+def knn_radii(f, k: int = PR_K, block: int = 1024, device=None) -> torch.Tensor:
     """Distance from each row to its k-th nearest other row (the point itself excluded), in blocks."""
-    x = _as_features(f, "features")
+    x = _as_features(f, "features", device)
     if x.shape[0] <= k:
         raise FewstepError(f"k-NN radii with k={k} need more than {k} points, got {x.shape[0]}")
     radii = []
     for i in range(0, x.shape[0], block):
         d = _pairwise_dist(x[i:i + block], x)
         # the k+1 smallest include the point itself at distance 0
-        radii.append(d.kthvalue(k + 1, dim=1).values)
+        radii.append(torch.topk(d, k + 1, dim=1, largest=False).values[:, k])
     return torch.cat(radii)
 
 
@@ -88,11 +89,12 @@ def _fraction_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
     return inside / points.shape[0]
 
 
-def precision_recall(real, fake, *, k: int = PR_K, block: int = 1024) -> dict:
-    """Improved precision and recall (Kynkaanniemi et al. 2019) of `fake` against `real` features."""
-    r, f = _as_features(real, "reference features"), _as_features(fake, "features")
+def precision_recall(real, fake, *, k: int = PR_K, block: int = 1024, device=None) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of `fake` against `real` features
+    (float64 on `device`, default CPU; distances in row blocks of `block`)."""
+    r, f = _as_features(real, "reference features", device), _as_features(fake, "features", device)
     if r.shape[1] != f.shape[1]:
         raise FewstepError(f"feature dimensions differ: {f.shape[1]} vs {r.shape[1]}")
-    r_radii, f_radii = knn_radii(r, k, block), knn_radii(f, k, block)
+    r_radii, f_radii = knn_radii(r, k, block, device), knn_radii(f, k, block, device)
     return {"precision": _fraction_inside(f, r, r_radii, block), "recall": _fraction_inside(r, f, f_radii, block),
             "k": int(k)}

@@ -161,6 +161,11 @@ def test_bad_inputs_are_one_line(work, inception_pth, tmp_path):
     assert_one_line_error(run("eval", "fid", "--samples", "digits", "--num", 4, "--ref", work["stats"], *pth,
                               "--save-images", tmp_path / "taken"), "already exists")
     assert_one_line_error(run("eval", "stats", "--images", work["teacher"], "--out", tmp_path / "s.txt", *pth), ".npz")
+    assert_one_line_error(run("eval", "fid", "--samples", work["teacher"], "--ref", work["stats"], *pth,
+                              "--device", "abacus"), "--device")
+    if not torch.cuda.is_available():
+        assert_one_line_error(run("eval", "fid", "--samples", work["teacher"], "--ref", work["stats"], *pth,
+                                  "--device", "cuda"), "not available")
     assert_one_line_error(run("eval", "fid", "--samples", "toy:checkerboard", "--num", 4, "--ref", work["stats"],
                               *pth), "images")
 
