@@ -266,7 +266,8 @@ def open_samples(spec, *, num: int | None = None, steps: int | None = None, solv
     """A sample source for `spec`: an .npz file, an image folder, or a model (name, model or run directory).
 
     A directory with config.json / config.yaml / model.safetensors is a model; other directories are
-    image folders. Sampling options apply to models only.
+    image folders (or, with no images but grid.png, the samples.npz `fewstep sample` wrote there).
+    Sampling options apply to models only.
     """
     path = Path(str(spec))
     if path.is_file():
@@ -274,7 +275,13 @@ def open_samples(spec, *, num: int | None = None, steps: int | None = None, solv
             raise FewstepError(f"samples file {str(path)!r} is not an .npz (give an .npz, an image folder or a model)")
         src = NpzSamples(path, batch_size)
     elif path.is_dir() and not _looks_like_model_dir(path):
-        src = ImageFolderSamples(path, batch_size)
+        from fewstep.outputs import GRID_PNG, SAMPLES_NPZ
+
+        from_pngs = any(p.name != GRID_PNG for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg",
+                                                                                          ".webp", ".bmp")) \
+            or not (path / SAMPLES_NPZ).is_file()
+        # a folder written by `fewstep sample` without PNGs still has its samples.npz
+        src = ImageFolderSamples(path, batch_size) if from_pngs else NpzSamples(path / SAMPLES_NPZ, batch_size)
     else:
         return ModelSamples(str(spec), num if num is not None else 0, steps=steps, solver=solver, seed=seed,
                             batch_size=batch_size, guidance=guidance, device=device)

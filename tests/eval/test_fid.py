@@ -190,6 +190,13 @@ def test_open_samples_kinds(work, tmp_path):
     assert isinstance(open_samples(work["teacher"] / "samples.npz"), NpzSamples)
     assert isinstance(open_samples("digits", num=2, steps=1), ModelSamples)
     assert open_samples(work["teacher"]).total == NUM  # grid.png is not a sample
+    # a folder `fewstep sample` wrote without per-sample PNGs: its samples.npz
+    no_pngs = tmp_path / "no_pngs"
+    api.sample("digits", num=3, steps=1, out=no_pngs)
+    for p in no_pngs.glob("0*.png"):
+        p.unlink()
+    src = open_samples(no_pngs)
+    assert isinstance(src, NpzSamples) and src.total == 3
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(FewstepError, match="not an .npz"):
         open_samples(tmp_path / "notes.txt")
