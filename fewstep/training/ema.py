@@ -22,7 +22,9 @@ def ema_decay_at(kind: str, step: int, decay: float = 0.999, gamma: float = 6.94
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied."""
-    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(p.detach().to(pe.dtype), 1.0 - decay)
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(pe.dtype) for pe, p in zip(ema_params, model.parameters(), strict=True)]
+    if ema_params:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for be, b in zip(ema.buffers(), model.buffers(), strict=True):
         be.copy_(b)

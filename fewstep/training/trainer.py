@@ -103,7 +103,7 @@ class Trainer:
             if role.trainable:
                 role.module.requires_grad_(True).train()
                 opt = torch.optim.AdamW(role.module.parameters(), lr=self._base_lr(name), betas=tuple(role.betas),
-                                        weight_decay=role.weight_decay)
+                                        weight_decay=role.weight_decay, foreach=True)
                 self.nets[name], self.opts[name] = acc.prepare(role.module, opt)
             else:
                 role.module.requires_grad_(False).eval()

@@ -1,0 +1,99 @@
+"""Distilled students vs their teachers: every registered method x built-in teacher, with the method's recipe.
+
+Prints a table and writes JSON. Run from the repository root:
+
+    python benchmarks/quality.py                                   # every method x every built-in teacher
+    python benchmarks/quality.py --methods cd --teachers toy:checkerboard digits
+    python benchmarks/quality.py --methods cd --teachers digits --iters 500 --out /tmp/q.json
+
+Each cell trains `fewstep distill --method M --teacher T` with the recipe defaults (override with
+--iters / --batch-size / --opt KEY=VALUE), then scores the teacher at its best setting (its default
+solver and step count), the teacher at 1 Euler step, and the student at 1, 2 and 4 steps, on the
+teacher's built-in metric (SWD for 2-D toys, FD-digits for digits; lower is better) with the same
+number of samples. Ratios are student / teacher-best and student-1-step / teacher-1-step.
+Later methods add rows by registering themselves; nothing here is method-specific.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep.methods import available_methods
+from fewstep.teachers import BUILTIN_TEACHERS
+from fewstep.training import distill
+from fewstep.training.config import parse_option
+
+
+def run_cell(method: str, teacher: str, *, iters=None, batch_size=None, options=None, eval_num=None, seed=0):
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = {"method": method, "teacher": teacher, "out": str(Path(tmp) / "run"), "sample_every": 0,
+              "checkpoint_every": 0, "seed": seed, "eval_steps": [1, 2, 4]}
+        for k, v in (("iters", iters), ("batch_size", batch_size), ("eval_num", eval_num)):
+            if v is not None:
+                kw[k] = v
+        if options:
+            kw["options"] = options
+        t0 = time.perf_counter()
+        res = distill(**kw)
+        total = time.perf_counter() - t0
+    rows = {(r["model"], r["steps"]): r["value"] for r in res["table"]}
+    best = rows[("teacher (best)", next(r["steps"] for r in res["table"] if r["model"] == "teacher (best)"))]
+    one = rows[("teacher", 1)]
+    cell = {"method": method, "teacher": teacher, "metric": res["table"][0]["metric"], "iterations": res["iterations"],
+            "train_seconds": res["train_seconds"], "total_seconds": round(total, 1),
+            "n_samples": res["table"][0]["n_samples"], "teacher_best": best, "teacher_1step": one,
+            "student": {s: rows[("student", s)] for s in (1, 2, 4)}}
+    cell["ratio_1step_vs_teacher_1step"] = cell["student"][1] / one
+    cell["ratio_vs_teacher_best"] = {s: v / best for s, v in cell["student"].items()}
+    return cell
+
+
+def print_table(cells):
+    head = (f"{'method':<8} {'teacher':<18} {'metric':<10} {'iters':>6} {'train s':>8} {'T best':>8} {'T 1':>8} "
+            f"{'S 1':>8} {'S 2':>8} {'S 4':>8} {'S1/T1':>6} {'S4/Tb':>6}")
+    print(head)
+    print("-" * len(head))
+    for c in cells:
+        s = c["student"]
+        print(f"{c['method']:<8} {c['teacher']:<18} {c['metric']:<10} {c['iterations']:>6} {c['train_seconds']:>8.0f} "
+              f"{c['teacher_best']:>8.4f} {c['teacher_1step']:>8.4f} {s[1]:>8.4f} {s[2]:>8.4f} {s[4]:>8.4f} "
+              f"{c['ratio_1step_vs_teacher_1step']:>6.3f} {c['ratio_vs_teacher_best'][4]:>6.2f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    ap.add_argument("--teachers", nargs="*", default=list(BUILTIN_TEACHERS))
+    ap.add_argument("--iters", type=int, default=None, help="override the recipe's iterations")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--opt", action="append", default=[], help="method option KEY=VALUE (repeatable)")
+    ap.add_argument("--eval-num", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
+    args = ap.parse_args(argv)
+    methods = args.methods or available_methods()
+    options = dict(parse_option(o) for o in args.opt)
+    cells = []
+    for m in methods:
+        for t in args.teachers:
+            print(f"== {m} on {t}", flush=True)
+            cells.append(run_cell(m, t, iters=args.iters, batch_size=args.batch_size, options=options or None,
+                                  eval_num=args.eval_num, seed=args.seed))
+            print_table(cells[-1:])
+    print()
+    print_table(cells)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cells": cells, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                    "machine": platform.machine(), "python": platform.python_version()}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Overheads of the sampler engine and of the trainer, relative to the bare network calls they make.
+
+Prints a table and writes JSON. Run from the repository root:
+
+    python benchmarks/speed.py
+    python benchmarks/speed.py --models toy:checkerboard digits --methods cd lcm --batch 256 --out /tmp/speed.json
+
+(a) engine: the time of `fewstep sample --steps 1` per batch (generate(): per-sample seeded noise, the
+    few-step sampler, conversions) divided by one bare forward of the same network on the same batch.
+    The limit is 1.0.
+(b) trainer: one training iteration (every phase, optimizer steps, EMAs) divided by the sum of the
+    network calls it makes, each replayed alone (forward under no_grad for frozen calls, forward +
+    backward for trained ones). The limit is about 1.0 (the optimizer and the loss arithmetic are the rest).
+Times are medians over --repeats runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep.api import load_model
+from fewstep.methods import available_methods
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def engine_overhead(spec: str, batch: int, repeats: int) -> dict:
+    from fewstep.sampling import generate
+
+    den = load_model(spec).eval()
+    shape = den.data_shape
+    x = torch.randn(batch, *shape)
+    t = torch.full((batch,), float(den.process.t_max))
+    cond = torch.arange(batch) % den.num_classes if den.cond_kind == "class" else None
+
+    def bare():
+        with torch.no_grad():
+            den.net(x, t, cond)
+
+    def engine():
+        generate(den, batch, steps=1, solver="fewstep", batch_size=batch)
+
+    tb, te = _median_time(bare, repeats), _median_time(engine, repeats)
+    return {"model": spec, "batch": batch, "bare_forward_ms": tb * 1e3, "sample_1step_ms": te * 1e3,
+            "ratio": te / tb}
+
+
+class _Recorder:
+    """Forward hooks on every role's network: what each training step calls, with which inputs."""
+
+    def __init__(self, roles):
+        self.calls, self.handles, self.on = [], [], False
+        for name, role in roles.items():
+            net = role.module.net
+            self.handles.append(net.register_forward_hook(self._hook(name, net, role.trainable), with_kwargs=True))
+
+    def _hook(self, name, net, trainable):
+        def hook(module, args, kwargs, output):
+            if self.on:
+                det = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+                kw = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                self.calls.append((name, net, det, kw, torch.is_grad_enabled() and trainable))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def trainer_overhead(method: str, teacher: str, batch: int, repeats: int) -> dict:
+    from fewstep.training.trainer import Trainer, prepare_run, write_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        values = {"method": method, "teacher": teacher, "batch_size": batch, "out": str(Path(tmp) / "run"),
+                  "iters": 10_000, "eval": False, "sample_every": 0, "checkpoint_every": 0, "log_every": 0,
+                  "warmup": 0}
+        cfg = prepare_run(values, explicit=set(values))
+        write_config(cfg)
+        tr = Trainer(cfg)
+        rec = _Recorder(tr.roles)
+
+        def step():
+            tr.cfg.stop_after = 1
+            tr.train()
+
+        t_step = _median_time(step, repeats)
+        rec.on = True
+        step()
+        rec.on = False
+        rec.remove()
+        calls = list(rec.calls)
+
+        def replay_all():
+            for _, net, args, kw, trained in calls:
+                if trained:
+                    args2 = tuple(a.requires_grad_(False) if isinstance(a, torch.Tensor) else a for a in args)
+                    out = net(*args2, **kw)
+                    out.float().sum().backward()
+                else:
+                    with torch.no_grad():
+                        net(*args, **kw)
+
+        t_calls = _median_time(replay_all, repeats)
+        for role in tr.roles.values():
+            role.module.zero_grad(set_to_none=True)
+    per_role: dict[str, int] = {}
+    for name, *_ in calls:
+        per_role[name] = per_role.get(name, 0) + 1
+    return {"method": method, "teacher": teacher, "batch": batch, "step_ms": t_step * 1e3,
+            "network_calls_ms": t_calls * 1e3, "calls": per_role, "ratio": t_step / t_calls}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=["toy:checkerboard", "digits"])
+    ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    args = ap.parse_args(argv)
+    engine = [engine_overhead(m, args.batch, args.repeats) for m in args.models]
+    print("(a) sampler engine: `fewstep sample --steps 1` per batch / one bare forward")
+    print(f"{'model':<18} {'batch':>6} {'bare ms':>9} {'sample ms':>10} {'ratio':>6}")
+    for r in engine:
+        print(f"{r['model']:<18} {r['batch']:>6} {r['bare_forward_ms']:>9.2f} {r['sample_1step_ms']:>10.2f} "
+              f"{r['ratio']:>6.2f}")
+    trainer = [trainer_overhead(me, mo, args.batch, args.repeats) for me in (args.methods or available_methods())
+               for mo in args.models]
+    print("\n(b) trainer: one iteration / the sum of its network calls replayed alone")
+    print(f"{'method':<8} {'teacher':<18} {'batch':>6} {'step ms':>9} {'calls ms':>9} {'ratio':>6}  calls")
+    for r in trainer:
+        print(f"{r['method']:<8} {r['teacher']:<18} {r['batch']:>6} {r['step_ms']:>9.2f} {r['network_calls_ms']:>9.2f} "
+              f"{r['ratio']:>6.2f}  {r['calls']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"engine": engine, "trainer": trainer, "torch": torch.__version__,
+                                    "threads": torch.get_num_threads(), "machine": platform.machine(),
+                                    "python": platform.python_version()}, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
