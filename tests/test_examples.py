@@ -31,3 +31,15 @@ def test_quality_gate_script():
     p = subprocess.run(["bash", "examples/quality_gate.sh", "toy:checkerboard", "0.0001"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 1
+
+
+def test_cd_digits_recipe_loads_and_runs(tmp_path):
+    import yaml
+
+    from fewstep.training import distill
+
+    recipe = ROOT / "examples" / "cd_digits.yaml"
+    res = distill(str(recipe), out=str(tmp_path / "run"), iters=2, batch_size=4, eval=False, sample_every=0)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    written = yaml.safe_load(recipe.read_text())
+    assert res["iterations"] == 2 and saved["options"] == written["options"] and saved["teacher"] == "digits"

@@ -247,3 +247,11 @@ def test_two_cpu_processes_hold_identical_weights(tmp_path):
     assert a["student"] != a["teacher"]
     assert a["first_batch"] != b["first_batch"]  # each rank trains on its own data
     assert (run / "student" / "model.safetensors").is_file()
+
+
+def test_default_run_is_cd_on_the_checkerboard():
+    from fewstep.training.trainer import prepare_run
+
+    cfg = prepare_run({}, explicit=set(), check_out=False)
+    assert (cfg.method, cfg.teacher, cfg.iters, cfg.batch_size) == ("cd", "toy:checkerboard", 1000, 256)
+    assert cfg.out.startswith("runs/cd-toy_checkerboard-")
