@@ -333,9 +333,14 @@ def distill(
         options.update(parse_option(o) for o in opt)
         flags["options"] = options
     values.update({k: v for k, v in flags.items() if v is not None})
+    from accelerate.state import PartialState
+
     with progress_bar("distilling", None) as bar:
 
         def progress(iteration: int, total: int, losses: dict):
+            if not PartialState().is_main_process:  # one bar and one result for a multi-process launch
+                bar.enabled = False
+                return
             bar.set_total(total)
             bar.advance(1)
             if iteration % 10 == 0 or iteration == total:
@@ -343,6 +348,8 @@ def distill(
 
         result = run_distill(values, resume=resume, progress=progress)
     result.pop("table_text", None)
+    if not PartialState().is_main_process:
+        return
     if as_json:
         emit(result, True, "")
         return

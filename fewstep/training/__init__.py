@@ -33,7 +33,11 @@ def distill(config: str | Path | dict | DistillConfig | None = None, *, resume: 
     explicit |= set(values)
     values.update(overrides)
     explicit |= set(overrides)
-    state = PartialState()
+    import torch
+
+    device = values.get("device") or "auto"
+    # on CPU, several processes (accelerate launch / torchrun) only form a group with cpu=True
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     cfg = prepare_run(values, explicit=explicit, resume=resume, check_out=state.is_main_process)
     if not resume and state.is_main_process:
         write_config(cfg)
