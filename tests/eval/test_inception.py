@@ -178,6 +178,7 @@ class _TorchScriptStandIn(torch.nn.Module):
         return self.layers(x).flatten(1)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_torchscript_route(tmp_path):
     torch.manual_seed(0)
     m = _TorchScriptStandIn().eval()
