@@ -197,6 +197,20 @@ def test_open_samples_kinds(work, tmp_path):
         p.unlink()
     src = open_samples(no_pngs)
     assert isinstance(src, NpzSamples) and src.total == 3
+    # a distillation run directory (config.yaml, sample grids, student/): sampled through api.load_model
+    import shutil
+
+    from fewstep.teachers import teacher_path
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("method: test\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(run_dir / "samples_000100.png")
+    shutil.copytree(teacher_path("digits"), run_dir / "student")
+    src = open_samples(run_dir, num=3, steps=1, seed=SEED, batch_size=3)
+    assert isinstance(src, ModelSamples) and src.describe()["model"] == str(run_dir)
+    teacher = open_samples("digits", num=3, steps=1, seed=SEED, batch_size=3)
+    assert torch.equal(next(iter(src.batches())), next(iter(teacher.batches())))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(FewstepError, match="not an .npz"):
         open_samples(tmp_path / "notes.txt")
