@@ -6,8 +6,8 @@ backward recomputes softmax block by block in PyTorch. The tangent is a stop-gra
 backpropagates through it (sCM/rCM use it only inside a detached target).
 
 Backends: "triton" (the kernel; on CPU tensors it runs in Triton's interpreter, slowly, for tests),
-"reference" (PyTorch, chunked over queries), "auto" (the kernel for CUDA tensors it supports when
-Triton is installed, the reference otherwise).
+"reference" (PyTorch, chunked over queries), "auto" (the kernel for float16/bfloat16 CUDA tensors it
+supports when Triton is installed, the reference otherwise).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from fewstep_kernels.reference import (
 )
 
 BACKENDS = ("auto", "triton", "reference")
+# float32 runs in the kernel only when asked for (backend="triton"): on GPUs its dots need three TF32
+# products each and spill registers, while the chunked reference uses cuBLAS with bounded memory.
+AUTO_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
@@ -36,11 +39,12 @@ def _kernels():
 
 
 def resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """"triton" or "reference" for these inputs; "auto" picks the kernel only for supported CUDA inputs."""
+    """"triton" or "reference" for these inputs; "auto" picks the kernel only for supported half-precision
+    CUDA inputs."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if q.is_cuda and TRITON_AVAILABLE and _kernels().supports(q, k, v) is None:
+        if q.is_cuda and q.dtype in AUTO_KERNEL_DTYPES and TRITON_AVAILABLE and _kernels().supports(q, k, v) is None:
             return "triton"
         return "reference"
     if backend == "triton":

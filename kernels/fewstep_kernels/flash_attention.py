@@ -9,11 +9,14 @@ S = q k^T * scale, P = softmax(S) and dS = (tq k^T + q tk^T) * scale,
 
     dP = P * (dS - mu),  mu_i = sum_j P_ij dS_ij,    to = dP v + P tv.
 
-With unnormalised weights p_ij = exp(s_ij - m_i) and l_i = sum_j p_ij, all four sums below are
+With unnormalised weights p_ij = exp(s_ij - m_i) and l_i = sum_j p_ij, all sums below are
 rescaled by exp(m_old - m_new) like the output accumulator, and combined once at the end:
 
     A = sum_j p_ij v_j,  c_i = sum_j p_ij dS_ij,  B = sum_j p_ij dS_ij v_j,  T = sum_j p_ij tv_j
-    o = A / l,  mu = c / l,  to = (B - mu * A) / l + T / l.
+    o = A / l,  mu = c / l,  to = (B - mu * A) / l + T / l = ((B + T) - mu * A) / l.
+
+B and T share one accumulator, so the JVP kernel carries two (BLOCK_M, BLOCK_D) float32 tiles
+(A and B + T) instead of three; register pressure is what limits its tile sizes.
 
 Head dims that are not powers of two (40, 80) are padded to one with masked loads; sequence
 lengths are masked, so any Lq and Lk work, and Lq != Lk gives cross-attention. Accumulation is in
@@ -22,6 +25,8 @@ in FlashAttention. On CPU the same kernel runs in Triton's interpreter (TRITON_I
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -45,14 +50,22 @@ def _jit(fn):
     return triton.jit(fn) if TRITON_AVAILABLE else fn
 
 
+# How _mma multiplies: tensor cores in the input dtype (half types), exact float32 (the interpreter's
+# float32), three TF32 products (float32 on GPUs: ~float32 accuracy on tensor cores; exact-FP32 dots
+# need so many registers that ptxas spills heavily, and crash LLVM for some tiles), or bf16 upcast.
+DOT_NATIVE, DOT_IEEE, DOT_TF32X3, DOT_UPCAST = 0, 1, 2, 3
+
+
 @_jit
-def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in float32. IEEE: exact float32 products (no TF32) for float32 inputs.
-    UPCAST: multiply bfloat16 tiles as float32 (exact conversion, same products as a bf16 MMA with
-    fp32 accumulation); needed only by the interpreter, whose dot multiplies bf16 bit patterns."""
-    if UPCAST:
+def _mma(a, b, MODE: tl.constexpr):
+    """a @ b accumulated in float32, in one of the DOT_* modes. DOT_UPCAST multiplies bfloat16 tiles
+    as float32 (exact conversion, the same products as a bf16 MMA with fp32 accumulation); only the
+    interpreter needs it, its dot multiplies bf16 bit patterns."""
+    if MODE == 3:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE:
+    elif MODE == 2:
+        c = tl.dot(a, b, input_precision="tf32x3")
+    elif MODE == 1:
         c = tl.dot(a, b, input_precision="ieee")
     else:
         c = tl.dot(a, b)
@@ -72,7 +85,7 @@ def _attention_fwd_kernel(
     stob, stoh, stom, stod,
     H, LQ, LK, HEAD_DIM, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WITH_JVP: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    WITH_JVP: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """One (BLOCK_M queries, batch*head) tile. qk_scale = scale * log2(e) (scores live in base 2),
     sm_scale = scale (the tangent of the scores is in natural units)."""
@@ -99,8 +112,7 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if WITH_JVP:
         c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_dsv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc_tv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # B + T
 
     for start_n in range(0, LK, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -111,26 +123,26 @@ def _attention_fwd_kernel(
         v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
         v = tl.load(v_ptrs, mask=nd_mask, other=0.0)
 
-        s = _mma(q, kt, IEEE_DOT, UPCAST_DOT)
+        s = _mma(q, kt, DOT_MODE)
         s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE_DOT, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_MODE)
 
         if WITH_JVP:
             tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkn + offs_d[None, :] * stkd
             tkt = tl.trans(tl.load(tk_ptrs, mask=nd_mask, other=0.0))
             tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvn + offs_d[None, :] * stvd
             tv = tl.load(tv_ptrs, mask=nd_mask, other=0.0)
-            ds = _mma(tq, kt, IEEE_DOT, UPCAST_DOT) + _mma(q, tkt, IEEE_DOT, UPCAST_DOT)
+            ds = _mma(tq, kt, DOT_MODE) + _mma(q, tkt, DOT_MODE)
             # masked columns already have p == 0; zero dS there too so 0 * garbage stays 0
             ds = tl.where(n_mask[None, :], ds * sm_scale, 0.0)
             pds = p * ds
             c_i = c_i * alpha + tl.sum(pds, 1)
-            acc_dsv = acc_dsv * alpha[:, None] + _mma(pds.to(v.dtype), v, IEEE_DOT, UPCAST_DOT)
-            acc_tv = acc_tv * alpha[:, None] + _mma(p.to(tv.dtype), tv, IEEE_DOT, UPCAST_DOT)
+            acc_t = acc_t * alpha[:, None] + _mma(pds.to(v.dtype), v, DOT_MODE)
+            acc_t += _mma(p.to(tv.dtype), tv, DOT_MODE)
         m_i = m_new
 
     inv_l = 1.0 / l_i
@@ -139,22 +151,37 @@ def _attention_fwd_kernel(
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=qd_mask)
     if WITH_JVP:
         mu = c_i * inv_l
-        to = (acc_dsv * inv_l[:, None] - mu[:, None] * o) + acc_tv * inv_l[:, None]
+        to = acc_t * inv_l[:, None] - mu[:, None] * o
         to_ptrs = TO + b * stob + h * stoh + offs_m[:, None] * stom + offs_d[None, :] * stod
         tl.store(to_ptrs, to.to(TO.dtype.element_ty), mask=qd_mask)
 
 
-def _launch_config(block_d: int, device: torch.device, lq: int, lk: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles on the interpreter (it is numpy, and
-    small tiles also exercise the masking); FlashAttention-2-like tiles on GPUs. The JVP kernel holds
-    three (BLOCK_M, BLOCK_D) float32 accumulators, hence 8 warps for wide heads."""
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _launch_config(block_d: int, device: torch.device, lq: int, lk: int, dtype: torch.dtype, with_jvp: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    Interpreter: small tiles (it is numpy; small tiles also exercise the masking). GPUs: the largest
+    tiles that ptxas compiled without register spills (or nearly) for sm_80 and sm_90, measured by
+    compiling ahead of time with Triton 3.9 (no GPU was at hand to time them). The JVP kernel holds
+    two float32 accumulators and four score-sized tiles, so its tiles are smaller. float32 inputs
+    (three TF32 products per dot) get small tiles and one stage.
+    """
     if device.type != "cuda":
         block_m = 16 if lq <= 16 else 32
         block_n = 16 if lk <= 16 else 32
         return block_m, block_n, 4, 1
+    if dtype == torch.float32:
+        return 32, 32, 8, 1
+    hopper = _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    if not with_jvp:
+        return (128, 64, 8, 2) if hopper or block_d <= 64 else (64, 64, 8, 2)
     if block_d <= 64:
-        return 64, 64, 4, 2
-    return 64, 32, 8, 2
+        return (128, 64, 8, 2) if hopper else (64, 32, 8, 2)
+    return (64, 32, 8, 2) if hopper else (32, 32, 8, 2)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -199,11 +226,19 @@ def _flash(q, k, v, tq, tk, tv, scale: float, with_jvp: bool):
     return (o, to) if with_jvp else o
 
 
+def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
+    if dtype == torch.float32:
+        return DOT_IEEE if device.type == "cpu" else DOT_TF32X3
+    if dtype == torch.bfloat16 and INTERPRETED and device.type == "cpu":
+        return DOT_UPCAST
+    return DOT_NATIVE
+
+
 def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool):
     B, H, LQ, D = q.shape
     LK = k.shape[-2]
     block_d = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = _launch_config(block_d, q.device, LQ, LK)
+    block_m, block_n, num_warps, num_stages = _launch_config(block_d, q.device, LQ, LK, q.dtype, with_jvp)
     grid = (triton.cdiv(LQ, block_m), B * H)
     log2e = 1.4426950408889634
     _attention_fwd_kernel[grid](
@@ -213,8 +248,7 @@ def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool):
         *o.stride(), *to.stride(),
         H, LQ, LK, D, scale * log2e, scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        WITH_JVP=with_jvp, IEEE_DOT=q.dtype == torch.float32,
-        UPCAST_DOT=INTERPRETED and q.dtype == torch.bfloat16,
+        WITH_JVP=with_jvp, DOT_MODE=_dot_mode(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
 

@@ -62,6 +62,7 @@ def test_auto_dispatch_uses_the_kernel_and_func_jvp_runs_it(monkeypatch):
 
     q, k, v, tq, tk, tv = make(1, 2, 1024, 1024, 64, torch.bfloat16)
     assert resolve_backend("auto", q, k, v) == "triton"
+    assert resolve_backend("auto", q.float(), k.float(), v.float()) == "reference"  # fp32: kernel only if asked
     calls = []
     original = flash_attention.flash_attention_jvp
     monkeypatch.setattr(flash_attention, "flash_attention_jvp", lambda *a: calls.append(1) or original(*a))

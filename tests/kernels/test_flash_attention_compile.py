@@ -1,0 +1,55 @@
+"""The compiled (GPU) form of the Triton kernel, built ahead of time for sm_80 and sm_90 on this CPU
+machine (Triton ships ptxas): the tile sizes `_launch_config` picks pass Triton's compiler and fit the
+GPUs' shared memory, and ptxas spills (almost) no registers for half precision. Timing needs a GPU
+(benchmarks/attention_jvp.py); this only checks the code the interpreter does not run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+try:
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+    from triton.compiler import ASTSource  # noqa: F401
+except ImportError:  # pragma: no cover - a Triton without the ahead-of-time API
+    pytest.skip("this Triton has no ahead-of-time compile API", allow_module_level=True)
+
+HERE = Path(__file__).resolve().parent
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # A100, H100 per-block shared memory
+
+
+def compile_kernels(specs):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, str(HERE / "compile_worker.py"), *specs], capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(specs)
+    return results
+
+
+def check(result):
+    assert result["cubin_bytes"] > 0
+    assert result["shared"] <= SHARED_LIMIT[result["arch"]], result
+    if result["dtype"] != "float32" and result["stack"] is not None:
+        assert result["stack"] <= 256, f"register spills: {result}"
+
+
+def test_jvp_kernel_compiles_for_a100_and_h100():
+    for result in compile_kernels(["90:bfloat16:64:jvp", "80:bfloat16:128:jvp"]):
+        check(result)
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles():
+    specs = [f"{arch}:{dtype}:{d}:{mode}" for arch in (80, 90) for dtype in ("bfloat16", "float16")
+             for d in (40, 64, 80, 128) for mode in ("jvp", "fwd")]
+    specs += [f"{arch}:float32:{d}:{mode}" for arch in (80, 90) for d in (64, 128) for mode in ("jvp", "fwd")]
+    for result in compile_kernels(specs):
+        check(result)
