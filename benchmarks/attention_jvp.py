@@ -9,6 +9,8 @@ float32-accumulating chunked reference) and writes JSON. Run from the repository
 
 Methods, all giving the tangent `to` of o = softmax(q k^T / sqrt(D)) v along (tq, tk, tv):
   fused_jvp        fewstep_kernels.attention_jvp, one Triton pass (o and to together; O(L) memory)
+  func_jvp_kernel  torch.func.jvp(fewstep_kernels.attention): what a model pays under forward-mode AD
+                   (the forward kernel, then the tangent kernel that reads the forward's o)
   func_jvp_math    torch.func.jvp of softmax(q k^T) v written out (O(L^2) memory; OOM is recorded)
   finite_diff      (o(x + h t) - o(x - h t)) / 2h with two flash forwards (SDPA); h = 1e-2 in bf16
   reference_jvp    the PyTorch fallback, chunked over queries
@@ -42,6 +44,9 @@ def make_methods(cuda: bool, fd_step: float):
     def fused_jvp(x):
         return attention_jvp(*x, backend="triton")[1]
 
+    def func_jvp_kernel(x):
+        return torch.func.jvp(lambda q, k, v: attention(q, k, v, backend="triton"), tuple(x[:3]), tuple(x[3:]))[1]
+
     def func_jvp_math(x):
         return torch.func.jvp(math_attention, tuple(x[:3]), tuple(x[3:]))[1]
 
@@ -60,10 +65,10 @@ def make_methods(cuda: bool, fd_step: float):
     def kernel_forward(x):
         return attention(*x[:3], backend="triton")
 
-    methods = {"fused_jvp": fused_jvp, "func_jvp_math": func_jvp_math, "finite_diff": finite_diff,
+    methods = {"fused_jvp": fused_jvp, "func_jvp_kernel": func_jvp_kernel, "func_jvp_math": func_jvp_math, "finite_diff": finite_diff,
                "reference_jvp": reference_jvp, "flash_forward": flash_forward, "kernel_forward": kernel_forward}
     if not cuda:
-        for name in ("fused_jvp", "kernel_forward"):
+        for name in ("fused_jvp", "func_jvp_kernel", "kernel_forward"):
             methods.pop(name)
     return methods
 

@@ -77,6 +77,17 @@ def _(q, k, v, tq, tk, tv, scale):
     return torch.empty_like(q), torch.empty_like(q)
 
 
+@torch.library.custom_op("fewstep_kernels::flash_attention_tangent", mutates_args=())
+def _flash_attention_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, tq: torch.Tensor,
+                                tk: torch.Tensor, tv: torch.Tensor, scale: float) -> torch.Tensor:
+    return _kernels().flash_attention_tangent(q, k, v, o, tq, tk, tv, scale)
+
+
+@_flash_attention_tangent_op.register_fake
+def _(q, k, v, o, tq, tk, tv, scale):
+    return torch.empty_like(q)
+
+
 def _batch_first(tensors, in_dims, size):
     """Move each vmapped dim to the front (expanding unbatched inputs) so the kernel sees one more
     leading dim."""
@@ -98,6 +109,12 @@ def _(info, in_dims, q, k, v, tq, tk, tv, scale):
     return _flash_attention_jvp_op(*ts, scale), (0, 0)
 
 
+@_flash_attention_tangent_op.register_vmap
+def _(info, in_dims, q, k, v, o, tq, tk, tv, scale):
+    ts = _batch_first((q, k, v, o, tq, tk, tv), in_dims[:7], info.batch_size)
+    return _flash_attention_tangent_op(*ts, scale), 0
+
+
 def _forward(q, k, v, scale, backend):
     if backend == "triton":
         return _flash_attention_op(q, k, v, scale)
@@ -110,6 +127,13 @@ def _jvp(q, k, v, tq, tk, tv, scale, backend):
     return attention_jvp_reference(q, k, v, tq, tk, tv, scale)
 
 
+def _tangent(q, k, v, o, tq, tk, tv, scale, backend):
+    """to alone; the kernel reads the forward's o instead of recomputing P v."""
+    if backend == "triton":
+        return _flash_attention_tangent_op(q, k, v, o, tq, tk, tv, scale)
+    return attention_jvp_reference(q, k, v, tq, tk, tv, scale)[1]
+
+
 def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
 
@@ -117,8 +141,9 @@ def _zeros_if_none(t, like):
 class FlashAttentionJVP(torch.autograd.Function):
     """o = softmax(q k^T * scale) v with a fused JVP rule and a recomputing backward.
 
-    Forward-mode AD (torch.func.jvp, forward_ad.dual_level) runs one fused pass that gives the
-    tangent; `generate_vmap_rule` lets torch.func.vmap see through it.
+    Forward-mode AD (torch.func.jvp, forward_ad.dual_level) runs the forward, then one fused pass
+    that gives the tangent from q, k, v, the tangents and the forward's o; `generate_vmap_rule`
+    lets torch.func.vmap see through it.
     """
 
     generate_vmap_rule = True
@@ -134,15 +159,14 @@ class FlashAttentionJVP(torch.autograd.Function):
         ctx.scale = scale
         ctx.backend = backend
         ctx.save_for_backward(q, k, v)
-        ctx.save_for_forward(q, k, v)
+        ctx.save_for_forward(q, k, v, output)
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, _tscale, _tbackend):
-        q, k, v = ctx.saved_tensors
+        q, k, v, o = ctx.saved_tensors
         tq, tk, tv = _zeros_if_none(tq, q), _zeros_if_none(tk, k), _zeros_if_none(tv, v)
         with torch.no_grad():
-            _, to = _jvp(q, k, v, tq, tk, tv, ctx.scale, ctx.backend)
-        return to
+            return _tangent(q, k, v, o, tq, tk, tv, ctx.scale, ctx.backend)
 
     @staticmethod
     def backward(ctx, grad_out):

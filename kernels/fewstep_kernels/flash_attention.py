@@ -85,10 +85,12 @@ def _attention_fwd_kernel(
     stob, stoh, stom, stod,
     H, LQ, LK, HEAD_DIM, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WITH_JVP: tl.constexpr, DOT_MODE: tl.constexpr,
+    WITH_JVP: tl.constexpr, COMPUTE_O: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """One (BLOCK_M queries, batch*head) tile. qk_scale = scale * log2(e) (scores live in base 2),
-    sm_scale = scale (the tangent of the scores is in natural units)."""
+    sm_scale = scale (the tangent of the scores is in natural units). COMPUTE_O=False (JVP only):
+    O already holds the attention output (from the forward pass), which is read instead of
+    accumulated, saving the P v product and one float32 tile."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -109,7 +111,8 @@ def _attention_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if COMPUTE_O:
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if WITH_JVP:
         c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # B + T
@@ -129,7 +132,8 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_MODE)
+        if COMPUTE_O:
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_MODE)
 
         if WITH_JVP:
             tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkn + offs_d[None, :] * stkd
@@ -146,9 +150,12 @@ def _attention_fwd_kernel(
         m_i = m_new
 
     inv_l = 1.0 / l_i
-    o = acc * inv_l[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=qd_mask)
+    if COMPUTE_O:
+        o = acc * inv_l[:, None]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=qd_mask)
+    else:
+        o = tl.load(o_ptrs, mask=qd_mask, other=0.0).to(tl.float32)
     if WITH_JVP:
         mu = c_i * inv_l
         to = acc_t * inv_l[:, None] - mu[:, None] * o
@@ -161,13 +168,14 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _launch_config(block_d: int, device: torch.device, lq: int, lk: int, dtype: torch.dtype, with_jvp: bool):
+def _launch_config(block_d: int, device: torch.device, lq: int, lk: int, dtype: torch.dtype, with_jvp: bool,
+                   compute_o: bool = True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     Interpreter: small tiles (it is numpy; small tiles also exercise the masking). GPUs: the largest
     tiles that ptxas compiled without register spills (or nearly) for sm_80 and sm_90, measured by
     compiling ahead of time with Triton 3.9 (no GPU was at hand to time them). The JVP kernel holds
-    two float32 accumulators and four score-sized tiles, so its tiles are smaller. float32 inputs
+    two float32 accumulators (one when o is given) and four score-sized tiles, so its tiles are smaller. float32 inputs
     (three TF32 products per dot) get small tiles and one stage.
     """
     if device.type != "cuda":
@@ -177,8 +185,12 @@ def _launch_config(block_d: int, device: torch.device, lq: int, lk: int, dtype: 
     if dtype == torch.float32:
         return 32, 32, 8, 1
     hopper = _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
-    if not with_jvp:
+    if not with_jvp:  # plain forward
         return (128, 64, 8, 2) if hopper or block_d <= 64 else (64, 64, 8, 2)
+    if not compute_o:  # tangent given o: one float32 accumulator
+        if block_d <= 64:
+            return (128, 64, 8, 2) if hopper else (128, 32, 8, 2)
+        return (128, 32, 8, 2) if hopper else (32, 64, 8, 2)
     if block_d <= 64:
         return (128, 64, 8, 2) if hopper else (64, 32, 8, 2)
     return (64, 32, 8, 2) if hopper else (32, 32, 8, 2)
@@ -202,17 +214,27 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def _flash(q, k, v, tq, tk, tv, scale: float, with_jvp: bool):
+def _flash(q, k, v, tq, tk, tv, scale: float, with_jvp: bool, o=None):
+    """Launch on (..., L, D) inputs. Returns o, or (o, to) with the JVP, or to alone when the
+    attention output `o` is given."""
     reason = supports(q, k, v)
     if reason is not None:
         raise ValueError(f"the triton attention kernel does not support these inputs: {reason}")
     if q.dim() != 4:  # (..., L, D): fold the leading dims into the batch
         lead = q.shape[:-2]
-        flat = [None if t is None else t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v, tq, tk, tv)]
-        out = _flash(*flat, scale, with_jvp)
-        return tuple(t.reshape(*lead, *t.shape[-2:]) for t in out) if with_jvp else out.reshape(*lead, *out.shape[-2:])
+        flat = [None if t is None else t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v, tq, tk, tv, o)]
+        out = _flash(*flat[:6], scale, with_jvp, o=flat[6])
+        outs = out if isinstance(out, tuple) else (out,)
+        outs = tuple(t.reshape(*lead, *t.shape[-2:]) for t in outs)
+        return outs if isinstance(out, tuple) else outs[0]
     B, H, LQ, D = q.shape
-    o = torch.empty_like(q)
+    compute_o = o is None
+    if compute_o:
+        o = torch.empty_like(q)
+    elif not with_jvp:
+        raise ValueError("a given attention output only makes sense for the JVP")
+    else:
+        o = o.to(q.dtype)
     if with_jvp:
         tq, tk, tv = (t.to(q.dtype) for t in (tq, tk, tv))
         to = torch.empty_like(q)
@@ -222,8 +244,10 @@ def _flash(q, k, v, tq, tk, tv, scale: float, with_jvp: bool):
     step = max(1, _MAX_GRID_Y // H)
     for b0 in range(0, B, step):
         sl = slice(b0, b0 + step)
-        _launch(q[sl], k[sl], v[sl], tq[sl], tk[sl], tv[sl], o[sl], to[sl], scale, with_jvp)
-    return (o, to) if with_jvp else o
+        _launch(q[sl], k[sl], v[sl], tq[sl], tk[sl], tv[sl], o[sl], to[sl], scale, with_jvp, compute_o)
+    if not with_jvp:
+        return o
+    return (o, to) if compute_o else to
 
 
 def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
@@ -234,11 +258,12 @@ def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
     return DOT_NATIVE
 
 
-def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool):
+def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool, compute_o: bool):
     B, H, LQ, D = q.shape
     LK = k.shape[-2]
     block_d = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = _launch_config(block_d, q.device, LQ, LK, q.dtype, with_jvp)
+    block_m, block_n, num_warps, num_stages = _launch_config(block_d, q.device, LQ, LK, q.dtype, with_jvp,
+                                                             compute_o)
     grid = (triton.cdiv(LQ, block_m), B * H)
     log2e = 1.4426950408889634
     _attention_fwd_kernel[grid](
@@ -248,7 +273,7 @@ def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool):
         *o.stride(), *to.stride(),
         H, LQ, LK, D, scale * log2e, scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        WITH_JVP=with_jvp, DOT_MODE=_dot_mode(q.dtype, q.device),
+        WITH_JVP=with_jvp, COMPUTE_O=compute_o, DOT_MODE=_dot_mode(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -261,3 +286,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def flash_attention_jvp(q, k, v, tq, tk, tv, scale: float):
     """(o, to): attention and its tangent along (tq, tk, tv) from one fused Triton kernel."""
     return _flash(q, k, v, tq, tk, tv, scale, with_jvp=True)
+
+
+def flash_attention_tangent(q, k, v, o, tq, tk, tv, scale: float):
+    """to alone, given the attention output o (from the forward pass): the JVP kernel without the
+    P v product (what forward-mode AD needs after the primal forward already ran)."""
+    return _flash(q, k, v, tq, tk, tv, scale, with_jvp=True, o=o)

@@ -5,7 +5,7 @@ sm_80/sm_90 on a CPU-only machine. This checks what the interpreter cannot: that
 Triton's compiler with the tile sizes `_launch_config` picks, and how many registers/spill bytes ptxas
 reports. Runs in its own process because a compiler crash aborts the process:
 
-    python compile_worker.py 90:bfloat16:64:jvp 80:float16:80:fwd ...   # one JSON line per kernel
+    python compile_worker.py 90:bfloat16:64:jvp 80:float16:80:fwd 90:bfloat16:128:tan   # a JSON line each
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import tempfile
 import torch
 
 
-def compile_kernel(arch: int, dtype: str, head_dim: int, with_jvp: bool) -> dict:
+def compile_kernel(arch: int, dtype: str, head_dim: int, mode: str) -> dict:
+    """mode: fwd (plain forward), jvp (o and its tangent), tan (tangent given o)."""
+    with_jvp, compute_o = mode != "fwd", mode != "tan"
     import triton
     from fewstep_kernels import flash_attention as fa
     from triton.backends.compiler import GPUTarget
@@ -37,13 +39,13 @@ def compile_kernel(arch: int, dtype: str, head_dim: int, with_jvp: bool) -> dict
     real = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = lambda index=None: (arch // 10, arch % 10)
     try:
-        bm, bn, warps, stages = fa._launch_config(block_d, FakeCuda(), 4096, 4096, tdtype, with_jvp)
+        bm, bn, warps, stages = fa._launch_config(block_d, FakeCuda(), 4096, 4096, tdtype, with_jvp, compute_o)
     finally:
         torch.cuda.get_device_capability = real
         fa._capability.cache_clear()
     kernel = fa._attention_fwd_kernel
     pointer = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
-    constants = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "WITH_JVP": with_jvp,
+    constants = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "WITH_JVP": with_jvp, "COMPUTE_O": compute_o,
                  "DOT_MODE": fa._dot_mode(tdtype, torch.device("cuda"))}
     signature = {}
     for name in kernel.arg_names:
@@ -68,11 +70,11 @@ def compile_kernel(arch: int, dtype: str, head_dim: int, with_jvp: bool) -> dict
         m = re.search(r"REG:(\d+) STACK:(\d+)", out)
         if m:
             usage = {"regs": int(m.group(1)), "stack": int(m.group(2))}
-    return {"arch": arch, "dtype": dtype, "head_dim": head_dim, "jvp": with_jvp, "tiles": [bm, bn, warps, stages],
+    return {"arch": arch, "dtype": dtype, "head_dim": head_dim, "mode": mode, "tiles": [bm, bn, warps, stages],
             "shared": compiled.metadata.shared, "cubin_bytes": len(compiled.asm["cubin"]), **usage}
 
 
 if __name__ == "__main__":
     for spec in sys.argv[1:]:
         arch, dtype, head_dim, mode = spec.split(":")
-        print(json.dumps(compile_kernel(int(arch), dtype, int(head_dim), mode == "jvp")), flush=True)
+        print(json.dumps(compile_kernel(int(arch), dtype, int(head_dim), mode)), flush=True)

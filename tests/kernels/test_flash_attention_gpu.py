@@ -64,8 +64,8 @@ def test_auto_dispatch_uses_the_kernel_and_func_jvp_runs_it(monkeypatch):
     assert resolve_backend("auto", q, k, v) == "triton"
     assert resolve_backend("auto", q.float(), k.float(), v.float()) == "reference"  # fp32: kernel only if asked
     calls = []
-    original = flash_attention.flash_attention_jvp
-    monkeypatch.setattr(flash_attention, "flash_attention_jvp", lambda *a: calls.append(1) or original(*a))
+    original = flash_attention.flash_attention_tangent  # forward-mode AD: tangent kernel given the forward's o
+    monkeypatch.setattr(flash_attention, "flash_attention_tangent", lambda *a: calls.append(1) or original(*a))
     _, to = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
     assert calls == [1]
     _, to_ref = attention_jvp(q, k, v, tq, tk, tv, backend="reference")

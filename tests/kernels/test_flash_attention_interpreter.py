@@ -43,6 +43,8 @@ CASES = {
     "forward_bf16": ("forward", 1, 1, 50, 50, 64, torch.bfloat16, None),
     "func_jvp": ("func_jvp", 1, 2, 37, 29, 40, torch.float32, None),
     "func_jvp_q_only": ("func_jvp_q_only", 1, 1, 33, 33, 32, torch.float32, None),
+    "func_jvp_bf16": ("func_jvp", 1, 2, 45, 29, 64, torch.bfloat16, None),
+    "func_jvp_d128": ("func_jvp", 1, 1, 20, 37, 128, torch.float16, 0.2),
     "forward_ad": ("forward_ad", 1, 2, 37, 37, 64, torch.float32, None),
     "vmap_jvp": ("vmap_jvp", 2, 2, 21, 21, 32, torch.float32, None),
     "backward": ("backward", 1, 2, 37, 29, 40, torch.float32, None),
@@ -125,14 +127,15 @@ def test_kernel_jvp_matches_func_jvp_of_math_attention(kernel_run, name):
     torch.testing.assert_close(y["to"].double(), to_ref, rtol=tol, atol=tol * max(1.0, to_ref.abs().max().item()))
 
 
-@pytest.mark.parametrize("name", ["bf16_L45_d64", "bf16_cross_d40", "fp16_L33_d128"])
+@pytest.mark.parametrize("name", ["bf16_L45_d64", "bf16_cross_d40", "fp16_L33_d128", "func_jvp_bf16"])
 def test_low_precision_kernel_matches_reference_backend(kernel_run, name):
     """Half-precision kernel vs the PyTorch reference on the same inputs: same fp32 accumulation,
     the kernel rounds P to the input dtype before its P v products (as FlashAttention does)."""
     from fewstep_kernels import attention_jvp
 
     x, y = case_tensors(kernel_run, name)
-    o, to = attention_jvp(x["q"], x["k"], x["v"], x["tq"], x["tk"], x["tv"], backend="reference")
+    o, to = attention_jvp(x["q"], x["k"], x["v"], x["tq"], x["tk"], x["tv"], scale=CASES[name][-1],
+                          backend="reference")
     tol = tolerance(x["q"].dtype)
     torch.testing.assert_close(y["o"].float(), o.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(y["to"].float(), to.float(), rtol=tol, atol=tol * max(1.0, to.abs().max().item()))
