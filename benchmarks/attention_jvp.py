@@ -65,8 +65,9 @@ def make_methods(cuda: bool, fd_step: float):
     def kernel_forward(x):
         return attention(*x[:3], backend="triton")
 
-    methods = {"fused_jvp": fused_jvp, "func_jvp_kernel": func_jvp_kernel, "func_jvp_math": func_jvp_math, "finite_diff": finite_diff,
-               "reference_jvp": reference_jvp, "flash_forward": flash_forward, "kernel_forward": kernel_forward}
+    methods = {"fused_jvp": fused_jvp, "func_jvp_kernel": func_jvp_kernel, "func_jvp_math": func_jvp_math,
+               "finite_diff": finite_diff, "reference_jvp": reference_jvp, "flash_forward": flash_forward,
+               "kernel_forward": kernel_forward}
     if not cuda:
         for name in ("fused_jvp", "func_jvp_kernel", "kernel_forward"):
             methods.pop(name)
