@@ -346,7 +346,12 @@ def distill(
             if iteration % 10 == 0 or iteration == total:
                 bar.note(" ".join(f"{k.split('/')[-1] if k.count('/') else k} {v:.4g}" for k, v in losses.items()))
 
-        result = run_distill(values, resume=resume, progress=progress)
+        eval_bar = _Bar("evaluating", None)
+        try:
+            result = run_distill(values, resume=resume, progress=progress,
+                                 progress_eval=lambda: eval_bar.advance(1) if PartialState().is_main_process else None)
+        finally:
+            eval_bar.close()
     result.pop("table_text", None)
     if not PartialState().is_main_process:
         return
@@ -390,9 +395,6 @@ def methods(as_json: bool = JSON_OPT):
     for r in rows:
         table.add_row(r["name"], r["description"], ", ".join(f"{k}={v}" for k, v in r["options"].items()))
     out_console.print(table)
-
-
-EXPORT_FORMATS = ("safetensors",)
 
 
 @app.command()

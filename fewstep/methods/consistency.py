@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.diffusion.processes import VPDiscrete
-from fewstep.diffusion.timesteps import sampling_timesteps
+from fewstep.diffusion.processes import EDM, VPDiscrete
+from fewstep.diffusion.timesteps import SPACINGS, sampling_timesteps
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext, register_method
 from fewstep.sampling.solvers import ODE_SOLVERS, ode_solve
@@ -32,15 +32,17 @@ BOUNDARIES = ("auto", "none", "lcm")
 
 @dataclass
 class ConsistencyConfig(MethodConfig):
-    num_timesteps: int = 18  # N: noisy grid times (uniform in the teacher's time), then clean data (Song: 18)
+    num_timesteps: int = 18  # N: noisy grid times, then clean data (Song et al.: 18)
+    spacing: str = "auto"  # grid spacing: auto (karras for EDM, trailing integers for VP, else uniform) | SPACINGS
     skip: int = 1  # k: one teacher step spans k grid intervals
     solver: str = "heun"  # teacher ODE step: euler (DDIM) | heun | dpm++2m
     loss: str = "huber"  # l2 | huber
     huber_c: float | None = None  # pseudo-Huber c; None: 0.00054 sqrt(data dim) (Song & Dhariwal 2023)
+    huber_elementwise: bool = False  # per element, averaged (LCM's code) instead of over the whole sample
     target: str = "ema"  # ema (target network = EMA of the student) | student (sg of the student itself)
     target_decay: float = 0.95
-    guidance_min: float = 1.0  # CFG scale range for conditional teachers; w is a student input when
-    guidance_max: float = 1.0  # guidance_embed (LCM) and fixed otherwise (the run's --guidance)
+    guidance_min: float = 1.0  # CFG scale range for conditional teachers when guidance_embed (LCM): w ~ U[min, max]
+    guidance_max: float = 1.0  # guides the teacher step and is a student input; else the run's --guidance is used
     guidance_embed: bool = False
     boundary: str = "auto"  # auto (lcm for VP teachers, else none) | none | lcm
 
@@ -51,6 +53,9 @@ class LCMConfig(ConsistencyConfig):
     skip: int = 20
     solver: str = "euler"
     huber_c: float | None = 1e-3
+    huber_elementwise: bool = True
+    # LCM trains SD with w in [3, 15]; the built-in class-conditional digits teacher is best near w = 1, so the
+    # default range is [1, 3] (set guidance_min/guidance_max for text-to-image teachers)
     guidance_min: float = 1.0
     guidance_max: float = 3.0
     guidance_embed: bool = True
@@ -71,6 +76,8 @@ class ConsistencyDistillation(DistillMethod):
             raise FewstepError(f"unknown loss {c.loss!r}; allowed: {', '.join(LOSSES)}")
         if c.target not in TARGETS:
             raise FewstepError(f"unknown target {c.target!r}; allowed: {', '.join(TARGETS)}")
+        if c.spacing != "auto" and c.spacing not in SPACINGS:
+            raise FewstepError(f"unknown spacing {c.spacing!r}; allowed: auto, {', '.join(SPACINGS)}")
         if c.boundary not in BOUNDARIES:
             raise FewstepError(f"unknown boundary {c.boundary!r}; allowed: {', '.join(BOUNDARIES)}")
         if c.num_timesteps < 1 or not 1 <= c.skip <= c.num_timesteps:
@@ -79,7 +86,7 @@ class ConsistencyDistillation(DistillMethod):
         if c.guidance_min > c.guidance_max:
             raise FewstepError(f"guidance_min {c.guidance_min} > guidance_max {c.guidance_max}")
         # noisy grid, decreasing; index N stands for clean data
-        self.grid = sampling_timesteps(teacher.process, c.num_timesteps, "uniform")
+        self.grid = consistency_grid(teacher.process, c.num_timesteps, c.spacing)
         self.embed_guidance = bool(c.guidance_embed and teacher.conditional)
         dim = math.prod(teacher.data_shape or (1,))
         self.huber_c = c.huber_c if c.huber_c is not None else 0.00054 * math.sqrt(dim)
@@ -131,11 +138,17 @@ class ConsistencyDistillation(DistillMethod):
             x_lo, target = self._target(nets, x_hi, t_hi, t_lo, clean, batch.cond, w_teacher, w_student)
         pred = nets["student"](x_hi, t_hi.to(x0.device, torch.float32), batch.cond, w_student)
         diff = (pred.float() - target.float()).flatten(1)
+        return {"loss": self.distance(diff).mean(), "mse": diff.pow(2).mean().detach()}
+
+    def distance(self, diff: torch.Tensor) -> torch.Tensor:
+        """Per-sample d(pred, target) from diff = pred - target (B, D): L2 (mean square) or pseudo-Huber
+        sqrt(|d|^2 + c^2) - c over the sample (Song & Dhariwal 2023) or per element, averaged (LCM)."""
+        c = self.config
         if c.loss == "l2":
-            per = diff.pow(2).mean(1)
-        else:
-            per = torch.sqrt(diff.pow(2).sum(1) + self.huber_c ** 2) - self.huber_c
-        return {"loss": per.mean(), "mse": diff.pow(2).mean().detach()}
+            return diff.pow(2).mean(1)
+        if c.huber_elementwise:
+            return (torch.sqrt(diff.pow(2) + self.huber_c ** 2) - self.huber_c).mean(1)
+        return torch.sqrt(diff.pow(2).sum(1) + self.huber_c ** 2) - self.huber_c
 
     def _target(self, nets, x_hi, t_hi, t_lo, clean, cond, w_teacher, w_student):
         """Teacher step x_{t_hi} -> x_{t_lo} (per sample; Euler to clean data where t_lo is clean) and
@@ -161,10 +174,22 @@ class ConsistencyDistillation(DistillMethod):
         return x_lo, target
 
     def student_meta(self) -> dict:
-        meta = {"default_solver": "fewstep", "default_steps": 1, "default_renoise": "fresh"}
-        if self.embed_guidance:
-            meta["default_guidance"] = float(self.config.guidance_min)
+        meta = super().student_meta()
+        if self.embed_guidance:  # sample at the run's --guidance, inside the range the student was trained on
+            meta["default_guidance"] = min(max(self.guidance, self.config.guidance_min), self.config.guidance_max)
         return meta
+
+
+def consistency_grid(process, n: int, spacing: str = "auto") -> torch.Tensor:
+    """The N decreasing noisy times of the consistency grid (clean data follows the last one).
+
+    auto: Karras sigmas (rho = 7, 80 -> 0.002) for EDM teachers as in Song et al.; diffusers' trailing
+    integer timesteps for discrete VP teachers (N = 1000 gives 999, 998, ..., 0, so LCM's skip 20 steps
+    999 -> 979 -> ...); uniform in time otherwise (flow: 1, 1 - 1/N, ..., 1/N).
+    """
+    if spacing == "auto":
+        spacing = "karras" if isinstance(process, EDM) else "trailing" if isinstance(process, VPDiscrete) else "uniform"
+    return sampling_timesteps(process, n, spacing)
 
 
 def _index(cond, rows):

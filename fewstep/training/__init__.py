@@ -35,14 +35,28 @@ def distill(config: str | Path | dict | DistillConfig | None = None, *, resume: 
     explicit |= set(overrides)
     import torch
 
-    device = values.get("device") or "auto"
+    device = values.get("device")
+    if device is None and resume and values.get("out"):  # a resumed run keeps the device it was started on
+        saved = Path(values["out"]) / "config.yaml"
+        device = load_yaml(saved).get("device") if saved.is_file() else None
+    device = device or "auto"
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    existing = PartialState() if PartialState._shared_state else None
+    if existing is not None and existing.num_processes == 1 and (existing.device.type == "cpu") != cpu:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     # on CPU, several processes (accelerate launch / torchrun) only form a group with cpu=True
-    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+    state = PartialState(cpu=cpu)
     cfg = prepare_run(values, explicit=explicit, resume=resume, check_out=state.is_main_process)
-    if not resume and state.is_main_process:
+    if state.num_processes > 1:  # every rank writes to rank 0's run directory (its default name has a time)
+        from accelerate.utils import broadcast_object_list
+
+        cfg = dataclasses.replace(cfg, out=broadcast_object_list([cfg.out])[0])
+    trainer = Trainer(cfg, resume=resume, progress=progress, teacher=teacher_model)
+    if not resume and state.is_main_process:  # only once the run is known to start: a failure writes nothing
         write_config(cfg)
     state.wait_for_everyone()
-    trainer = Trainer(cfg, resume=resume, progress=progress, teacher=teacher_model)
     summary = trainer.train()
     result = {"run": str(cfg.out), "method": cfg.method, "teacher": cfg.teacher, **summary}
     if summary["finished"]:

@@ -51,7 +51,8 @@ class DistillConfig:
 
 # (method, data kind) -> defaults for the run and the method's options; tuned on the built-in teachers
 RECIPES: dict[tuple[str, str], dict] = {
-    ("cd", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
+    ("cd", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995,
+                   "options": {"num_timesteps": 40}},
     ("cd", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
     ("lcm", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
     ("lcm", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},

@@ -8,6 +8,12 @@ from pathlib import Path
 from fewstep.fileio import atomic_write
 
 DEFAULT_EVAL_NUM = {"2d": 4096, "image": 2000}
+
+
+def data_kind(denoiser) -> str:
+    """"2d" for point data (shape (D,)), "image" otherwise (recipes and defaults are chosen by it)."""
+    shape = denoiser.data_shape
+    return "2d" if shape is not None and len(shape) == 1 else "image"
 GRID_SEED = 1234  # sample grids use fixed per-sample seeds, separate from the training RNG
 EVAL_SEED = 0
 
@@ -17,7 +23,7 @@ def save_sample_grid(denoiser, path: Path, steps: int = 1, num: int | None = Non
     from fewstep.outputs import image_grid, scatter_png
     from fewstep.sampling import generate
 
-    two_d = denoiser.data_shape is not None and len(denoiser.data_shape) == 1
+    two_d = data_kind(denoiser) == "2d"
     num = num or (4096 if two_d else 64)
     solver = denoiser.meta.get("default_solver", "fewstep")
     x, _ = generate(denoiser, num, steps=steps, solver=solver, seed=GRID_SEED, batch_size=1024,

@@ -28,7 +28,7 @@ from fewstep.methods.base import Batch, StepContext, build_method_config, get_me
 from fewstep.training import checkpoint as ckpt
 from fewstep.training.config import DistillConfig, make_config, resolve
 from fewstep.training.ema import ema_decay_at, ema_update
-from fewstep.training.report import DEFAULT_EVAL_NUM, quality_table, save_sample_grid, table_text
+from fewstep.training.report import DEFAULT_EVAL_NUM, data_kind, quality_table, save_sample_grid, table_text
 
 CONFIG_YAML = "config.yaml"
 LOG = "log.jsonl"
@@ -66,10 +66,13 @@ def _make_accelerator(cfg: DistillConfig):
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise FewstepError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    # a second run in the same process may ask for another precision: start accelerate's state afresh
+    # a second run in the same process may ask for another device or precision: start accelerate afresh
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+        AcceleratorState._reset_state(reset_partial_state=(PartialState().device.type == "cpu") != cpu)
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    if (acc.device.type == "cpu") != cpu:
+        raise FewstepError(f"accelerate chose {acc.device} but the run asks for {'cpu' if cpu else 'cuda'}")
+    return acc
 
 
 class Trainer:
@@ -113,6 +116,7 @@ class Trainer:
         if cfg.ema != "none":
             self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.iteration = 0
+        self.saved_iteration = -1  # the iteration of the last checkpoint this process took part in
         self.loss_avg: dict[str, float] = {}
         self.elapsed = 0.0
         if resume:
@@ -172,7 +176,7 @@ class Trainer:
         bad = {k: float(v.detach().float().item()) for k, v in losses.items()}
         self._log({"iteration": it + 1, "event": "diverged", "phase": phase, "losses": bad})
         where = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"the {phase} loss became non-finite ({bad}) at iteration {it + 1}; stopped. "
+        raise TrainingDiverged(f"the {phase} phase became non-finite ({bad}) at iteration {it + 1}; stopped. "
                                f"{where} (resume with --resume --out {self.out} after lowering --lr or --grad-clip)")
 
     def _phase_step(self, phase, it: int) -> dict[str, float]:
@@ -180,6 +184,9 @@ class Trainer:
         for opt in self.opts.values():  # grads a phase leaves on networks it does not train are dropped
             opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        # networks the phase trains are called through their DDP wrappers; the others directly (a DDP
+        # module whose forward ran but that gets no backward would fail the next reduction)
+        nets = {name: (self.nets[name] if name in phase.trains else role.module) for name, role in self.roles.items()}
         for micro in range(cfg.grad_accum):
             ctx = StepContext(iteration=it, generator=self.gen, device=self.device)
             last = micro == cfg.grad_accum - 1
@@ -188,18 +195,22 @@ class Trainer:
                     for r in phase.trains:
                         stack.enter_context(acc.no_sync(self.nets[r]))
                 with acc.autocast():
-                    losses = self.method.loss(phase.name, self._batch(), self.nets, ctx)
+                    losses = self.method.loss(phase.name, self._batch(), nets, ctx)
                 loss = losses["loss"]
                 if not self._all_finite(loss):
                     self._diverged(phase.name, losses, it)
                 acc.backward(loss / cfg.grad_accum)
             for k, v in losses.items():
                 totals[f"{phase.name}/{k}"] = totals.get(f"{phase.name}/{k}", 0.0) + float(v.detach()) / cfg.grad_accum
+        norms = {}
+        for r in phase.trains:  # the norm is checked even without clipping: inf/nan gradients never reach a step
+            norms[r] = acc.clip_grad_norm_(self.nets[r].parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not all(self._all_finite(torch.as_tensor(n)) for n in norms.values()):
+            self._diverged(phase.name, {f"grad_norm_{r}": torch.as_tensor(n) for r, n in norms.items()}, it)
         for r in phase.trains:
-            if cfg.grad_clip > 0:
-                acc.clip_grad_norm_(self.nets[r].parameters(), cfg.grad_clip)
             self.opts[r].step()
             self.opts[r].zero_grad(set_to_none=True)
+            totals[f"{phase.name}/grad_norm_{r}"] = float(norms[r])
         for role in self.roles.values():
             if role.ema_of in phase.trains:
                 ema_update(role.module, self.roles[role.ema_of].module, role.ema_decay)
@@ -242,8 +253,7 @@ class Trainer:
                 t_start, it_start = time.perf_counter(), self.iteration
                 self.save_checkpoint()
         self.elapsed += time.perf_counter() - t_start
-        if ckpt.latest_checkpoint(self.out) is None or not ckpt.latest_checkpoint(self.out).name.endswith(
-                f"{self.iteration:08d}"):
+        if self.saved_iteration != self.iteration:
             self.save_checkpoint()
         return {"iterations": self.iteration, "finished": self.iteration >= total,
                 "train_seconds": round(self.elapsed, 2)}
@@ -292,12 +302,17 @@ class Trainer:
         else:
             gen_state, cpu_state = gen_state[None], cpu_state[None]
         tensors["rng.generator"], tensors["rng.torch"] = gen_state, cpu_state
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.device.type == "cuda":
+            cuda_state = torch.cuda.get_rng_state(self.device)
+            tensors["rng.cuda"] = (acc.gather(cuda_state.to(self.device)[None]).cpu() if self.world > 1
+                                   else cuda_state[None])
+        if getattr(acc, "scaler", None) is not None:  # fp16 loss scaling
+            meta["scaler"] = acc.scaler.state_dict()
         path = None
         if acc.is_main_process:
             path = ckpt.save_checkpoint(self.out, self.iteration, tensors, meta, keep=self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
+        self.saved_iteration = self.iteration
         return path
 
     def _load(self, path: Path | None) -> None:
@@ -321,8 +336,10 @@ class Trainer:
         self.gen.set_state(tensors["rng.generator"][self.rank].clone())
         torch.set_rng_state(tensors["rng.torch"][self.rank].clone())
         if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.iteration = int(meta["iteration"])
+            torch.cuda.set_rng_state(tensors["rng.cuda"][self.rank].clone(), self.device)
+        if meta.get("scaler") and getattr(self.accelerator, "scaler", None) is not None:
+            self.accelerator.scaler.load_state_dict(meta["scaler"])
+        self.iteration = self.saved_iteration = int(meta["iteration"])
         self.loss_avg = dict(meta.get("loss_avg", {}))
         self.elapsed = float(meta.get("elapsed_s", 0.0))
         self._truncate_log(self.iteration)
@@ -363,8 +380,7 @@ class Trainer:
         rows = []
         data = self.data_name or self.teacher.meta.get("data")
         if cfg.eval and data is not None:
-            kind = "2d" if len(self.teacher.data_shape) == 1 else "image"
-            num = cfg.eval_num or DEFAULT_EVAL_NUM[kind]
+            num = cfg.eval_num or DEFAULT_EVAL_NUM[data_kind(self.teacher)]
             spec = cfg.teacher if not Path(cfg.teacher).exists() else None
             t0 = time.perf_counter()
             rows = quality_table(self.teacher, model, data, num=num, student_steps=tuple(cfg.eval_steps),
@@ -398,7 +414,15 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
         from fewstep.training.config import load_yaml
 
         saved = load_yaml(path)
-        changed = sorted(k for k in explicit if k not in RESUME_OVERRIDABLE and values.get(k) != saved.get(k))
+
+        def differs(k):
+            if k == "options":  # given options must agree with the saved ones (which include the recipe's)
+                return any((saved.get("options") or {}).get(o) != v for o, v in (values.get(k) or {}).items())
+            if k == "iters" and saved.get("lr_schedule") == "cosine":
+                return values.get(k) != saved.get(k)  # the cosine schedule depends on the length
+            return k not in RESUME_OVERRIDABLE and values.get(k) != saved.get(k)
+
+        changed = sorted(k for k in explicit if differs(k))
         if changed:
             raise FewstepError(f"cannot change {', '.join(changed)} when resuming (only "
                                f"{', '.join(sorted(RESUME_OVERRIDABLE - {'out'}))} may change)")
@@ -409,8 +433,7 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
         return cfg
     cfg = make_config(values)
     teacher = load_model(cfg.teacher)
-    kind = "2d" if teacher.data_shape is not None and len(teacher.data_shape) == 1 else "image"
-    cfg = resolve(cfg, kind, explicit)
+    cfg = resolve(cfg, data_kind(teacher), explicit)
     # bad method options fail here, before the run directory is made
     get_method(cfg.method)(teacher, build_method_config(cfg.method, cfg.options), guidance=cfg.guidance)
     if cfg.out is None:

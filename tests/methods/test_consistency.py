@@ -76,17 +76,56 @@ def test_cd_target_is_the_target_network_after_one_teacher_step():
                 assert torch.allclose(target[i:i + 1], exp_t, atol=1e-6)
 
 
-def test_cd_loss_is_differentiable_and_zero_for_a_perfect_consistency_function():
+def test_cd_loss_is_differentiable():
     teacher = load_teacher("toy:checkerboard").requires_grad_(False)
     method = get_method("cd")(teacher)
     nets = {k: r.module for k, r in method.networks().items()}
-    batch = Batch(size=16, x0=torch.randn(16, 2))
-    out = method.loss("student", batch, nets, _ctx())
+    out = method.loss("student", Batch(size=16, x0=torch.randn(16, 2)), nets, _ctx())
     out["loss"].backward()
     assert out["loss"] > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets["student"].parameters())
-    # with the pseudo-Huber loss, identical prediction and target give exactly zero
-    assert float(torch.sqrt(torch.zeros(()) + method.huber_c ** 2) - method.huber_c) == 0.0
+
+
+def test_distances():
+    teacher = load_teacher("toy:checkerboard")
+    d = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    cd = get_method("cd")(teacher, build_method_config("cd", {"huber_c": 0.01}))
+    # pseudo-Huber over the sample: 0 for a perfect match, |d| - c far away
+    assert torch.allclose(cd.distance(d), torch.tensor([0.0, (25 + 1e-4) ** 0.5 - 0.01]))
+    lcm = get_method("lcm")(teacher)  # LCM: per element (c = 1e-3), averaged
+    assert torch.allclose(lcm.distance(d), torch.tensor([0.0, ((9 + 1e-6) ** 0.5 + (16 + 1e-6) ** 0.5) / 2 - 1e-3]))
+    l2 = get_method("cd")(teacher, build_method_config("cd", {"loss": "l2"}))
+    assert torch.allclose(l2.distance(d), torch.tensor([0.0, 12.5]))
+
+
+def test_grid_follows_the_teachers_process():
+    from fewstep.diffusion import EDM, RectifiedFlow
+    from fewstep.methods.consistency import consistency_grid
+
+    edm = consistency_grid(EDM(), 18)
+    assert float(edm[0]) == pytest.approx(80.0) and float(edm[-1]) == pytest.approx(0.002)  # Karras, rho 7
+    vp = consistency_grid(VPDiscrete.from_schedule("scaled_linear"), 1000)
+    assert vp.tolist() == [float(t) for t in range(999, -1, -1)]  # integer timesteps: LCM's skip 20 is 999 -> 979
+    assert consistency_grid(RectifiedFlow(), 4).tolist() == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_lcm_teacher_step_is_guided_per_sample():
+    teacher = load_teacher("digits").requires_grad_(False)
+    method = get_method("lcm")(teacher, build_method_config("lcm", {"num_timesteps": 10, "skip": 2,
+                                                                    "spacing": "uniform"}))
+    nets = {k: r.module for k, r in method.networks().items()}
+    x_hi = torch.randn(3, 1, 8, 8)
+    y = torch.tensor([1, 2, 3])
+    w = torch.tensor([1.0, 2.0, 3.0])
+    t_hi, t_lo = method.grid[[0, 2, 4]], method.grid[[2, 4, 6]]
+    with torch.no_grad():
+        x_lo, _ = method._target(nets, x_hi, t_hi, t_lo, torch.zeros(3, dtype=torch.bool), y, w, w)
+        for i in range(3):
+            exp = ode_solve(teacher, x_hi[i:i + 1], [float(t_hi[i]), float(t_lo[i])], solver="euler",
+                            cond=y[i:i + 1], guidance=float(w[i]))
+            assert torch.allclose(x_lo[i:i + 1], exp, atol=1e-5)
+        assert not torch.allclose(x_lo[2:3], ode_solve(teacher, x_hi[2:3], [float(t_hi[2]), float(t_lo[2])],
+                                                       solver="euler", cond=y[2:3], guidance=1.0), atol=1e-4)
 
 
 def test_lcm_student_takes_the_guidance_scale_and_starts_as_the_conditional_teacher():

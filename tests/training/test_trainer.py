@@ -258,13 +258,60 @@ def test_default_run_is_cd_on_the_checkerboard():
     assert cfg.out.startswith("runs/cd-toy_checkerboard-")
 
 
-def test_bf16_mixed_precision_on_cpu(tmp_path):
+def test_bf16_mixed_precision_on_cpu(tmp_path, monkeypatch):
+    from fewstep.models.mlp import MLPNet
+
+    seen = []
+    real_forward = MLPNet.forward
+
+    def recording_forward(self, *a, **k):
+        out = real_forward(self, *a, **k)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(MLPNet, "forward", recording_forward)
     run = tmp_path / "run"
     distill(out=str(run), iters=3, mixed_precision="bf16", **FAST)
+    assert torch.bfloat16 in seen  # the networks ran under bf16 autocast
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(v == v and abs(v) < 1e6 for r in log for v in r["losses"].values())
-    # weights stay fp32 (autocast computes in bf16); the student loads and samples
     from fewstep.api import load_model
 
-    student = load_model(run)
-    assert next(student.parameters()).dtype == torch.float32
+    assert next(load_model(run).parameters()).dtype == torch.float32  # weights stay fp32
+
+
+class _InfGrad(DistillMethod):
+    """A finite loss whose gradient becomes infinite at iteration 2."""
+
+    needs_data = False
+
+    def networks(self):
+        return {"teacher": Role(self.teacher), "student": Role(self.student_from_teacher(), trainable=True)}
+
+    def phases(self):
+        return [Phase("student", ("student",))]
+
+    def loss(self, phase, batch, nets, ctx):
+        out = nets["student"](ctx.randn((batch.size, 2)), torch.full((batch.size,), 0.5), None)
+        if ctx.iteration >= 2:
+            out.register_hook(lambda g: g * float("inf"))
+        return {"loss": out.pow(2).mean()}
+
+
+def test_infinite_gradients_stop_before_the_weights_are_touched(tmp_path, register):
+    register("inf-grad", _InfGrad)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="grad_norm_student"):
+        distill(out=str(run), iters=10, checkpoint_every=1, **{**FAST, "method": "inf-grad"})
+    tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert meta["iteration"] == 2
+    assert all(bool(torch.isfinite(v).all()) for k, v in tensors.items() if k.startswith("net.student."))
+
+
+def test_a_run_that_cannot_start_writes_nothing(tmp_path):
+    for kw, needle in (({"device": "cuda"}, "CUDA"), ({"data": "digits"}, "shape")):
+        if kw.get("device") == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(FewstepError, match=needle):
+            distill(out=str(tmp_path / "run"), iters=2, **{**FAST, **kw})
+        assert not (tmp_path / "run").exists()
