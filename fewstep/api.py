@@ -41,7 +41,7 @@ def sample(
     solver: str | None = None,
     spacing: str = "uniform",
     seed: int = 0,
-    guidance: float = 1.0,
+    guidance: float | None = None,
     label: int | None = None,
     batch_size: int = 1024,
     out: str | Path | None = None,
@@ -58,7 +58,7 @@ def sample(
     _check_positive("--num", num)
     _check_positive("--steps", steps)
     _check_positive("--batch-size", batch_size)
-    if guidance < 0:
+    if guidance is not None and guidance < 0:
         raise FewstepError(f"--guidance must be >= 0, got {guidance}")
     if solver is not None and solver not in SOLVERS:
         raise FewstepError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
@@ -69,6 +69,8 @@ def sample(
     den = load_model(model)
     meta = den.meta
     steps = steps or int(meta.get("default_steps", 50))
+    if guidance is None:  # the model's own default (a guidance-embedded student's training scale), else none
+        guidance = float(meta.get("default_guidance", 1.0))
     solver = solver or meta.get("default_solver", "heun")
     labels = None
     if label is not None:

@@ -167,7 +167,8 @@ def sample(
     spacing: str = typer.Option("uniform", help="Time spacing: uniform | karras | trailing | shifted."),
     num: int = typer.Option(4096, help="Number of samples."),
     seed: int = typer.Option(0, help="Base seed; sample i uses its own seed derived from it."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = none)."),
+    guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (1 = none; default: the "
+                                          "model's own, 1 for teachers)."),
     label: int | None = typer.Option(None, help="Class label for every sample (default: cycle classes)."),
     batch_size: int = typer.Option(1024, help="Samples per network batch."),
     out: Path | None = typer.Option(None, help="2-D: a new .npz file; images: a new directory (PNGs + grid.png)."),

@@ -111,3 +111,15 @@ def test_config_file_with_flag_override(tmp_path):
     assert r.exit_code == 0, r.stderr
     cfg = yaml.safe_load((runs / "config.yaml").read_text())
     assert cfg["teacher"] == "toy:moons" and cfg["iters"] == 2 and cfg["options"] == {"num_timesteps": 5, "skip": 2}
+
+
+def test_lcm_student_samples_at_its_training_guidance_by_default(tmp_path):
+    runs = tmp_path / "run"
+    r = run("distill", "--method", "lcm", "--teacher", "digits", "--iters", 2, "--batch-size", 4, "--guidance", 2,
+            "--out", runs, "--no-eval", "--sample-every", 0, "--json")
+    assert r.exit_code == 0, r.stderr
+    r = run("sample", "--model", runs, "--num", 4, "--out", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert last_json(r)["guidance"] == 2.0 and last_json(r)["steps"] == 1
+    r = run("sample", "--model", runs, "--num", 4, "--guidance", 3, "--out", tmp_path / "s3", "--json")
+    assert last_json(r)["guidance"] == 3.0
