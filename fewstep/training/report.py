@@ -29,7 +29,7 @@ def save_sample_grid(denoiser, path: Path, steps: int = 1, num: int | None = Non
     x, _ = generate(denoiser, num, steps=steps, solver=solver, seed=GRID_SEED, batch_size=1024,
                     renoise=denoiser.meta.get("default_renoise", "fresh"),
                     guidance=float(denoiser.meta.get("default_guidance", 1.0)))
-    im = scatter_png(x, extent=4.5) if two_d else image_grid(x, nrow=8, scale=max(1, 128 // x.shape[-1]))
+    im = scatter_png(x) if two_d else image_grid(x, nrow=8, scale=max(1, 128 // x.shape[-1]))
     return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
