@@ -356,6 +356,12 @@ def distill(
     result.pop("table_text", None)
     if not PartialState().is_main_process:
         return
+    if result.get("interrupted"):
+        err_console.print(f"interrupted at iteration {result['iterations']}: checkpoint saved; continue with "
+                          f"`{result['resume_with']}`", markup=False, highlight=False, soft_wrap=True)
+        if as_json:
+            emit(result, True, "")
+        raise typer.Exit(130)
     if as_json:
         emit(result, True, "")
         return

@@ -216,12 +216,49 @@ class Trainer:
                 ema_update(role.module, self.roles[role.ema_of].module, role.ema_decay)
         return totals
 
+    @contextlib.contextmanager
+    def _stop_on_signal(self):
+        """Ctrl-C (SIGINT) or SIGTERM during training: finish the iteration, checkpoint, stop cleanly.
+        A second signal aborts at once."""
+        import signal
+        import threading
+
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in old:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        if self.world > 1:  # every rank stops after the same iteration
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
     def train(self) -> dict:
+        with self._stop_on_signal():
+            return self._train()
+
+    def _train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         total = int(cfg.iters)
         stop_at = total if cfg.stop_after is None else min(total, self.iteration + cfg.stop_after)
         t_start = time.perf_counter()
         it_start = self.iteration
+        interrupted = False
         while self.iteration < stop_at:
             it = self.iteration
             factor = self._lr_factor(it)
@@ -252,11 +289,18 @@ class Trainer:
                 self.elapsed += time.perf_counter() - t_start
                 t_start, it_start = time.perf_counter(), self.iteration
                 self.save_checkpoint()
+            if self._should_stop():
+                interrupted = True
+                break
         self.elapsed += time.perf_counter() - t_start
         if self.saved_iteration != self.iteration:
             self.save_checkpoint()
-        return {"iterations": self.iteration, "finished": self.iteration >= total,
-                "train_seconds": round(self.elapsed, 2)}
+        out = {"iterations": self.iteration, "finished": self.iteration >= total,
+               "train_seconds": round(self.elapsed, 2)}
+        if interrupted:
+            out["interrupted"] = True
+            self._log({"iteration": self.iteration, "event": "interrupted"})
+        return out
 
     # -- outputs ----------------------------------------------------------------------------------
     def sampling_model(self):
@@ -428,6 +472,7 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
                                f"{', '.join(sorted(RESUME_OVERRIDABLE - {'out'}))} may change)")
         merged = {**saved, **{k: values[k] for k in explicit if k in RESUME_OVERRIDABLE}}
         merged["out"] = str(out)
+        merged["stop_after"] = values.get("stop_after") if "stop_after" in explicit else None  # per invocation
         cfg = make_config(merged)
         ckpt.remove_partial_checkpoints(out)
         return cfg
@@ -446,4 +491,5 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
 def write_config(cfg: DistillConfig) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_yaml(out / CONFIG_YAML, dataclasses.asdict(cfg))
+    # stop_after belongs to one invocation, not to the run: a resumed run goes on to `iters` unless told otherwise
+    _write_yaml(out / CONFIG_YAML, {**dataclasses.asdict(cfg), "stop_after": None})

@@ -40,5 +40,20 @@ def main(out: str) -> None:
         "teacher": teacher, "first_batch": hashlib.sha256(first.numpy().tobytes()).hexdigest()}))
 
 
+def resume_check(root: str) -> None:
+    """An uninterrupted 2-process run and one stopped after 2 iterations then resumed: same weights."""
+    from fewstep.training import distill
+
+    kw = dict(method="cd", teacher="toy:checkerboard", iters=5, batch_size=16, eval=False, sample_every=0,
+              warmup=1, checkpoint_every=0)
+    distill(out=f"{root}/full", **kw)
+    first = distill(out=f"{root}/split", stop_after=2, **kw)
+    assert first["iterations"] == 2 and not first["finished"]
+    distill(out=f"{root}/split", resume=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "resume":
+        resume_check(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -54,8 +54,10 @@ def _resume_matches(tmp_path, **kw):
     distill(out=str(full), iters=8, checkpoint_every=0, **kw)
     res = distill(out=str(split), iters=8, checkpoint_every=0, stop_after=3, **kw)
     assert not res["finished"] and res["iterations"] == 3 and not (split / "student").exists()
-    distill(out=str(split), resume=True, stop_after=2)  # 3 -> 5
-    distill(out=str(split), resume=True)  # 5 -> 8
+    distill(out=str(split), resume=True, stop_after=1)  # 3 -> 4
+    distill(out=str(split), resume=True, stop_after=1)  # 4 -> 5
+    assert yaml.safe_load((split / "config.yaml").read_text())["stop_after"] is None
+    distill(out=str(split), resume=True)  # 5 -> 8: stop_after is not remembered
     for sub in ("student", "student_online"):
         a, b = weights(full, sub), weights(split, sub)
         assert a.keys() == b.keys()
@@ -248,6 +250,13 @@ def test_two_cpu_processes_hold_identical_weights(tmp_path):
     assert a["student"] != a["teacher"]
     assert a["first_batch"] != b["first_batch"]  # each rank trains on its own data
     assert (run / "student" / "model.safetensors").is_file()
+    # a 2-process run stopped and resumed (every rank's RNG streams gathered and restored) ends as one uninterrupted
+    proc = subprocess.run(cmd[:-2] + [str(script), "resume", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for sub in ("student", "student_online"):
+        full, split = weights(tmp_path / "full", sub), weights(tmp_path / "split", sub)
+        assert all(torch.equal(full[k], split[k]) for k in full)
 
 
 def test_default_run_is_cd_on_the_checkerboard():
@@ -307,3 +316,32 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path):
         with pytest.raises(FewstepError, match=needle):
             distill(out=str(tmp_path / "run"), iters=2, **{**FAST, **kw})
         assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_finishes_the_iteration_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    import signal
+
+    from fewstep.methods.consistency import ConsistencyDistillation
+
+    kw = dict(iters=6, checkpoint_every=0, **FAST)
+    distill(out=str(tmp_path / "full"), **kw)
+
+    real_loss = ConsistencyDistillation.loss
+    sent = []
+
+    def loss_then_ctrl_c(self, phase, batch, nets, ctx):
+        out = real_loss(self, phase, batch, nets, ctx)
+        if ctx.iteration == 2 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C mid-iteration
+        return out
+
+    monkeypatch.setattr(ConsistencyDistillation, "loss", loss_then_ctrl_c)
+    res = distill(out=str(tmp_path / "split"), **kw)
+    assert res["interrupted"] and not res["finished"] and res["iterations"] == 3
+    assert ckpt.latest_checkpoint(tmp_path / "split").name == "step_00000003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    monkeypatch.setattr(ConsistencyDistillation, "loss", real_loss)
+    distill(out=str(tmp_path / "split"), resume=True)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
