@@ -123,3 +123,24 @@ def test_lcm_student_samples_at_its_training_guidance_by_default(tmp_path):
     assert last_json(r)["guidance"] == 2.0 and last_json(r)["steps"] == 1
     r = run("sample", "--model", runs, "--num", 4, "--guidance", 3, "--out", tmp_path / "s3", "--json")
     assert last_json(r)["guidance"] == 3.0
+
+
+def test_ctrl_c_on_the_command_line_checkpoints_and_exits_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runs = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "distill", "--iters", "100000", "--batch-size", "8",
+                             "--log-every", "1", "--no-eval", "--out", str(runs), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((runs / "log.jsonl").is_file() and (runs / "log.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at iteration" in err and "--resume" in err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["interrupted"] and (runs / "checkpoints" / f"step_{res['iterations']:08d}").is_dir()
