@@ -70,6 +70,10 @@ def _make_accelerator(cfg: DistillConfig):
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=(PartialState().device.type == "cpu") != cpu)
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # checkpoints and EMAs read the unsharded modules: only replicated (DDP) training is supported so far
+        raise FewstepError(f"accelerate is configured for {acc.distributed_type.name}; fewstep distill supports "
+                           "single-process and DDP (multi-GPU or multi-CPU) runs for now")
     if (acc.device.type == "cpu") != cpu:
         raise FewstepError(f"accelerate chose {acc.device} but the run asks for {'cpu' if cpu else 'cuda'}")
     return acc
