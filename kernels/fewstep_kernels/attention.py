@@ -169,6 +169,7 @@ class FlashAttentionJVP(torch.autograd.Function):
             return _tangent(q, k, v, o, tq, tk, tv, ctx.scale, ctx.backend)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward (e.g. an R1 penalty) raises, not silently 0
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         with torch.no_grad():

@@ -92,7 +92,7 @@ def _attention_fwd_kernel(
     O already holds the attention output (from the forward pass), which is read instead of
     accumulated, saving the P v product and one float32 tile."""
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a (B, H) slice may hold more than 2^31 elements
     b = bh // H
     h = bh % H
 
@@ -211,6 +211,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
     if q.device.type not in ("cuda", "cpu"):
         return f"device {q.device.type}"
+    if q.device.type == "cuda" and q.dtype != torch.float16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return f"{q.dtype} dots need an Ampere or newer GPU (compute capability >= 8.0)"
+    if k.shape[-2] == 0:
+        return "no keys (Lk = 0)"
     return None
 
 

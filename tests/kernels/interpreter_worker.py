@@ -45,6 +45,12 @@ def run_case(op: str, x: dict, scale):
         assert not views[0].is_contiguous()
         o, to = attention_jvp(*views, scale=scale, backend="triton")
         return {"o": o, "to": to}
+    if op == "jvp_mixed_layout":
+        # contiguous primals with tangents in another memory layout: each tensor's own strides are used
+        tangents = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (tq, tk, tv)]
+        assert not tangents[0].is_contiguous() and q.is_contiguous()
+        o, to = attention_jvp(q, k, v, *tangents, scale=scale, backend="triton")
+        return {"o": o, "to": to}
     if op == "jvp_split_batches":
         # pretend the grid's second axis holds only 2 programs: one launch per batch element
         from fewstep_kernels import flash_attention

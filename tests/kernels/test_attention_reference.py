@@ -169,3 +169,17 @@ def test_triton_backend_on_cpu_without_the_interpreter_says_how_to_enable_it():
         attention(q, k, v, backend="triton")
     with pytest.raises(ValueError, match="head dim 8"):
         resolve_backend("triton", *(t[..., :8] for t in (q, k, v)))
+
+
+def test_zero_keys_are_refused():
+    q = torch.randn(1, 1, 4, 16)
+    empty = torch.randn(1, 1, 0, 16)
+    with pytest.raises(ValueError, match="zero keys"):
+        attention(q, empty, empty)
+
+
+def test_double_backward_raises_instead_of_returning_zero():
+    q, k, v = (torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    (g,) = torch.autograd.grad(attention(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), k)

@@ -35,6 +35,7 @@ CASES = {
     "cross_70x9_d32": ("jvp", 1, 1, 70, 9, 32, torch.float32, None),
     "scale_03": ("jvp", 1, 1, 40, 33, 64, torch.float32, 0.3),
     "strided": ("jvp_strided", 2, 3, 21, 21, 40, torch.float32, None),
+    "mixed_layout": ("jvp_mixed_layout", 2, 3, 21, 21, 40, torch.float32, None),
     "split_batches": ("jvp_split_batches", 3, 2, 19, 23, 32, torch.float32, None),
     "bf16_L45_d64": ("jvp", 1, 2, 45, 45, 64, torch.bfloat16, None),
     "bf16_cross_d40": ("jvp", 1, 1, 37, 70, 40, torch.bfloat16, None),
@@ -111,7 +112,8 @@ def tolerance(dtype):
     return {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
 
 
-JVP_CASES = [n for n, c in CASES.items() if c[0] in ("jvp", "jvp_strided", "jvp_split_batches", "func_jvp",
+JVP_CASES = [n for n, c in CASES.items() if c[0] in ("jvp", "jvp_strided", "jvp_mixed_layout", "jvp_split_batches",
+                                                      "func_jvp",
                                                       "forward_ad")]
 
 
