@@ -68,9 +68,17 @@ class CLIPScorer:
         self.std = torch.tensor(pre.get("image_std", OPENAI_CLIP_STD), dtype=torch.float32).view(1, 3, 1, 1)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
 
+    def weights_sha256(self) -> dict:
+        """sha256 of each weights file of the local model folder (safetensors or bin)."""
+        from fewstep.eval.inception import file_sha256
+
+        root = Path(self.path)
+        files = sorted(p for p in root.glob("*") if p.suffix in (".safetensors", ".bin")) if root.is_dir() else []
+        return {p.name: file_sha256(p) for p in files}
+
     def describe(self) -> dict:
         cfg = self.model.config
-        return {"path": str(self.path), "model_type": cfg.model_type,
+        return {"path": str(self.path), "model_type": cfg.model_type, "weights_sha256": self.weights_sha256(),
                 "vision": f"image {cfg.vision_config.image_size}, patch {cfg.vision_config.patch_size}, "
                           f"width {cfg.vision_config.hidden_size}, layers {cfg.vision_config.num_hidden_layers}",
                 "projection_dim": int(cfg.projection_dim), "preprocess": {"resize_shorter_side": self.size,
@@ -87,8 +95,9 @@ class CLIPScorer:
         for a in x:
             im = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).convert("RGB")
             w, h = im.size
-            scale = self.size / min(w, h)
-            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+            # transformers' shortest_edge resize: the short side becomes `size`, the long side is truncated
+            new = (self.size, int(self.size * h / w)) if w <= h else (int(self.size * w / h), self.size)
+            im = im.resize((max(1, new[0]), max(1, new[1])), Image.Resampling.BICUBIC)
             w, h = im.size
             left, top = (w - self.crop) // 2, (h - self.crop) // 2
             im = im.crop((left, top, left + self.crop, top + self.crop))
@@ -173,6 +182,7 @@ def compute_clip_score(samples, prompts, *, clip: str | Path, batch_size: int = 
         "n_samples": int(c.numel()),
         "samples": source.describe(),
         "prompts": prompt_file or "<list>",
+        "seed": None,  # no randomness: the score of given images
         "protocol": {"metric": "clip score", "convention": CONVENTION, "model": scorer.describe(),
                      "prompt_prefix": None},
     }

@@ -531,6 +531,11 @@ def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: st
     need_features = kid or pr
     # the reference first: a mismatched stats file is refused before any sampling
     ref_side = _reference_side(ref, extractor, protocol, need_features, batch_size, progress)
+    n_samples = num if source.kind == "model" else None
+    if pr and (ref_side["n"] <= pr_k or (n_samples is not None and n_samples <= pr_k)):
+        # checked before sampling, so a refused run leaves no --save-images behind
+        raise FewstepError(f"--pr needs more than k={pr_k} samples on each side (samples: {n_samples}, "
+                           f"reference: {ref_side['n']})")
     acc, info = extract_features(source, extractor, keep_features=need_features, progress=progress,
                                  stage="samples", save_images=save_images)
     value = frechet_distance(acc.mean(), acc.cov(), ref_side["mu"], ref_side["sigma"],

@@ -219,7 +219,10 @@ def default_inception_candidates() -> list[Path]:
     """Where the standard files are looked for, in order: torch hub's cache (both names), clean-fid's
     download folder (the temp dir), and StyleGAN/EDM's dnnlib cache (`<hash>_inception-2015-12-05.pt`)."""
     hub = torch_hub_checkpoints()
-    found = [hub / PTH_NAME, hub / TORCHSCRIPT_NAME, Path(tempfile.gettempdir()) / TORCHSCRIPT_NAME]
+    found = [hub / PTH_NAME, hub / TORCHSCRIPT_NAME]
+    # clean-fid downloads into the literal /tmp on Linux, whatever TMPDIR says
+    for tmp in dict.fromkeys([Path(tempfile.gettempdir()), Path("/tmp")]):
+        found.append(tmp / TORCHSCRIPT_NAME)
     dnnlib = Path(os.environ.get("DNNLIB_CACHE_DIR") or Path(os.path.expanduser("~")) / ".cache" / "dnnlib")
     if (dnnlib / "downloads").is_dir():
         found += sorted((dnnlib / "downloads").glob(f"*_{TORCHSCRIPT_NAME}"))
@@ -324,13 +327,15 @@ def to_uint8_images(images) -> torch.Tensor:
 
 
 def _resize_clean_one(img: np.ndarray) -> np.ndarray:
-    """(C, H, W) uint8 -> (C, 299, 299) float32 in about [0, 255]: PIL bicubic per channel in float32."""
+    """(C, H, W) uint8 -> (C, 299, 299) float32 in [0, 255]: PIL bicubic per channel in float32 (mode "F"),
+    clipped to [0, 255] as clean-fid does (bicubic overshoots at edges)."""
     from PIL import Image
 
     out = np.empty((img.shape[0], INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
     for c in range(img.shape[0]):
         channel = Image.fromarray(img[c].astype(np.float32))  # mode "F"
-        out[c] = np.asarray(channel.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC), dtype=np.float32)
+        resized = np.asarray(channel.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC), dtype=np.float32)
+        out[c] = resized.clip(0.0, 255.0)
     return out
 
 

@@ -69,6 +69,11 @@ def test_preprocessing_matches_transformers_image_processor(tiny_clip, images_np
     theirs = proc(images=list(to_uint8(x)), return_tensors="pt")["pixel_values"]
     assert ours.shape == theirs.shape == (4, 3, 32, 32)
     torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-5)
+    # non-square images: transformers truncates the long side (int), and the crop follows
+    for h, w in ((61, 40), (40, 61)):
+        rect = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
+        theirs = proc(images=list(to_uint8(rect)), return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(scorer.pixel_values(rect), theirs.float(), rtol=0, atol=1e-5)
     # greyscale images are repeated to RGB
     grey = scorer.pixel_values(x[:, :1])
     torch.testing.assert_close(grey, scorer.pixel_values(x[:, :1].repeat(1, 3, 1, 1)))
@@ -103,6 +108,8 @@ def test_cli_clip_json_and_errors(tiny_clip, images_npz, tmp_path):
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["prompts"] == str(prompts) and res["protocol"]["convention"] == CONVENTION
+    weights = res["protocol"]["model"]["weights_sha256"]
+    assert weights and all(len(v) == 64 for v in weights.values()) and "seed" in res
     assert res["value"] == pytest.approx(compute_clip_score(path, PROMPTS, clip=tiny_clip)["value"], rel=1e-5)
     one = tmp_path / "one.txt"
     one.write_text("a photo\n")

@@ -168,6 +168,10 @@ def test_bad_inputs_are_one_line(work, inception_pth, tmp_path):
                                   "--device", "cuda"), "not available")
     assert_one_line_error(run("eval", "fid", "--samples", "toy:checkerboard", "--num", 4, "--ref", work["stats"],
                               *pth), "images")
+    # precision/recall needs more than k samples: refused before sampling, so no --save-images are left behind
+    assert_one_line_error(run("eval", "fid", "--samples", "digits", "--num", 3, "--pr", "--ref", work["stats"], *pth,
+                              "--save-images", tmp_path / "pr_imgs"), "--pr")
+    assert not (tmp_path / "pr_imgs").exists()
 
 
 def test_model_source_matches_generate():

@@ -132,7 +132,12 @@ def test_clean_resize_is_pil_bicubic_per_channel_in_float32():
     got = inception_input(torch.from_numpy(img), "clean")
     for c in range(3):
         ref = np.asarray(Image.fromarray(img[0, c].astype(np.float32)).resize((299, 299), Image.Resampling.BICUBIC))
-        np.testing.assert_allclose(got[0, c].numpy(), (ref - 128.0) / 128.0, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got[0, c].numpy(), (ref.clip(0, 255) - 128.0) / 128.0, rtol=0, atol=1e-6)
+    # bicubic overshoots at sharp edges; clean-fid clips to [0, 255], so the input stays in [-1, 255/128 - 1]
+    stripes = np.zeros((1, 1, 32, 32), dtype=np.uint8)
+    stripes[..., ::2] = 255
+    x = inception_input(torch.from_numpy(stripes), "clean")
+    assert float(x.min()) == -1.0 and float(x.max()) == pytest.approx(127 / 128)
     # a flat grey 128 image is 0 after normalisation; floats in [-1, 1] are quantised like a PNG
     flat = inception_input(torch.zeros(1, 1, 8, 8), "clean")  # 0.0 -> uint8 128 (round half to even of 127.5)
     assert torch.allclose(flat, torch.zeros_like(flat), atol=1e-6)
@@ -207,3 +212,14 @@ def test_extractor_protocol_and_batching(inception_pth, digit_images):
     torch.testing.assert_close(f, direct)  # two batches of 1 agree with one batch of 2
     with pytest.raises(FewstepError, match="non-finite"):
         ext(torch.full((1, 1, 8, 8), float("nan")))
+
+
+def test_tensorflow_pooling_details():
+    """The FID graph's quirks: average pools ignore padding, and Mixed_7c (E_2) max-pools."""
+    x = torch.ones(1, 1, 4, 4)
+    assert torch.equal(inc._avg_pool_no_pad(x), x)  # counting the padding would give 4/9 at the corners
+    y = torch.randn(1, 2, 5, 5)
+    torch.testing.assert_close(inc.FIDInceptionE_2.pool(inc.FIDInceptionE_2.__new__(inc.FIDInceptionE_2), y),
+                               torch.nn.functional.max_pool2d(y, 3, 1, 1))
+    e1 = inc.FIDInceptionE_1.pool(inc.FIDInceptionE_1.__new__(inc.FIDInceptionE_1), y)
+    torch.testing.assert_close(e1, torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False))
