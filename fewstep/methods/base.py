@@ -60,12 +60,11 @@ class Batch:
 
 @dataclass
 class StepContext:
-    """Per-call state: the iteration, the device, the run's random generator (CPU) and its dtype."""
+    """Per-call state: the iteration, the device and the run's random generator (CPU)."""
 
     iteration: int
     generator: torch.Generator
     device: torch.device
-    dtype: torch.dtype = torch.float32
 
     def randn(self, shape, like: torch.Tensor | None = None) -> torch.Tensor:
         z = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
@@ -163,10 +162,6 @@ def get_method(name: str) -> type[DistillMethod]:
 
 def _load_builtin_methods():
     import fewstep.methods.consistency  # noqa: F401  (registers cd, lcm)
-
-
-def method_config_fields(name: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(get_method(name).config_class)}
 
 
 def build_method_config(name: str, values: dict | None) -> MethodConfig:
