@@ -3,7 +3,7 @@
 d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}), with unbiased covariances. The trace
 of the matrix square root is computed in float64 as Tr sqrt(sqrt(S1) S2 sqrt(S1)) through symmetric
 eigendecompositions (S1 S2 is similar to that PSD matrix, so their square roots have the same
-trace); tiny negative eigenvalues from round-off are clipped. This stays accurate for near-singular
+trace); eigenvalues within round-off of zero (negative or not) are set to zero. This stays accurate for near-singular
 covariances, where scipy.linalg.sqrtm of the non-symmetric product can return complex garbage.
 When S1 = G^T G comes from n < D centred samples (G = (F - mean) / sqrt(n - 1), n x D), the nonzero
 eigenvalues of S1 S2 are those of the n x n matrix G S2 G^T (AB and BA share them), which is exact and
@@ -47,7 +47,10 @@ def trace_sqrt_product(s1, s2, factor1=None) -> float:
         r1 = _psd_sqrt(np.asarray(s1, dtype=np.float64))
         m = r1 @ s2 @ r1
     w = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(w, 0, None)).sum())
+    # eigenvalues within round-off of zero (|w| <= n eps max|w|) are zero: their square roots (~1e-8) would
+    # otherwise add noise whose sign depends on the BLAS in use
+    tol = w.size * np.finfo(np.float64).eps * (float(np.abs(w).max()) if w.size else 0.0)
+    return float(np.sqrt(np.where(w > tol, w, 0.0)).sum())
 
 
 def frechet_distance(mu1, s1, mu2, s2, *, factor1=None, factor2=None) -> float:
