@@ -39,21 +39,24 @@ def sample(
     num: int = 4096,
     steps: int | None = None,
     solver: str | None = None,
-    spacing: str = "uniform",
+    spacing: str | None = None,
     seed: int = 0,
     guidance: float | None = None,
     label: int | None = None,
     batch_size: int = 1024,
     out: str | Path | None = None,
     progress=None,
+    renoise: str | None = None,
 ) -> dict:
     """Generate `num` samples from a teacher or student and optionally write them to `out`.
 
     Sample i uses per-sample seed i of `seed`, so results do not depend on the batch size.
+    Settings left as None come from the model (`fewstep.sampling.sampler_settings`): its default solver,
+    steps, re-noise rule, guidance, and the time list it was trained on.
     Returns a JSON-able summary (and the tensors under the private keys "_samples", "_labels").
     """
     from fewstep.diffusion.timesteps import SPACINGS
-    from fewstep.sampling import SOLVERS, generate
+    from fewstep.sampling import RENOISE, SOLVERS, generate, sampler_settings
 
     _check_positive("--num", num)
     _check_positive("--steps", steps)
@@ -62,16 +65,17 @@ def sample(
         raise FewstepError(f"--guidance must be >= 0, got {guidance}")
     if solver is not None and solver not in SOLVERS:
         raise FewstepError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
-    if spacing not in SPACINGS:
+    if spacing is not None and spacing not in SPACINGS:
         raise FewstepError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if renoise is not None and renoise not in RENOISE:
+        raise FewstepError(f"unknown renoise {renoise!r}; allowed: {', '.join(RENOISE)}")
     if out is not None:
         ensure_new_path(out)
     den = load_model(model)
     meta = den.meta
-    steps = steps or int(meta.get("default_steps", 50))
-    if guidance is None:  # the model's own default (a guidance-embedded student's training scale), else none
-        guidance = float(meta.get("default_guidance", 1.0))
-    solver = solver or meta.get("default_solver", "heun")
+    # the model's own defaults (e.g. a guidance-embedded student's training scale) for what was left out
+    settings = sampler_settings(den, steps=steps, solver=solver, renoise=renoise, guidance=guidance, spacing=spacing)
+    steps, solver, guidance, spacing = settings.steps, settings.solver, settings.guidance, settings.spacing
     labels = None
     if label is not None:
         if den.cond_kind != "class":
@@ -84,8 +88,9 @@ def sample(
     if out is not None and den.data_shape is not None and len(den.data_shape) == 1 and Path(out).suffix != ".npz":
         raise FewstepError(f"2-D samples are written as .npz; got --out {str(out)!r} (use e.g. samples.npz)")
     t0 = time.perf_counter()
-    samples, used_labels = generate(den, num, steps=steps, solver=solver, spacing=spacing, seed=seed,
-                                    batch_size=batch_size, labels=labels, guidance=guidance, progress=progress)
+    samples, used_labels = generate(den, num, timesteps=settings.timesteps, solver=solver, seed=seed,
+                                    batch_size=batch_size, labels=labels, guidance=guidance,
+                                    renoise=settings.renoise, progress=progress)
     seconds = time.perf_counter() - t0
     result = {
         "model": str(model),
@@ -94,6 +99,7 @@ def sample(
         "steps": int(steps),
         "solver": solver,
         "spacing": spacing,
+        "renoise": settings.renoise,
         "seed": int(seed),
         "guidance": float(guidance),
         "label": label,

@@ -63,7 +63,8 @@ def register(eval_app) -> None:
         steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default: the model's own)."),
         solver: str | None = typer.Option(None, "--solver", help="Sampler (default: the model's own)."),
         seed: int = typer.Option(0, "--seed", help="Base seed for sampling (and the KID subsets)."),
-        guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale when sampling."),
+        guidance: float | None = typer.Option(None, "--guidance", help="Classifier-free guidance scale when sampling "
+                                              "(default: the model's own, 1 for teachers)."),
         batch_size: int = typer.Option(64, "--batch-size", help="Images per sampling / Inception batch."),
         kid: bool = typer.Option(False, "--kid", help="Also KID (unbiased MMD^2, cubic kernel, 100 subsets)."),
         pr: bool = typer.Option(False, "--pr", help="Also precision/recall (k-NN manifolds, k=3)."),

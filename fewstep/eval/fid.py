@@ -203,10 +203,10 @@ class ModelSamples:
     kind = "model"
 
     def __init__(self, spec: str, num: int, *, steps: int | None = None, solver: str | None = None,
-                 spacing: str = "uniform", seed: int = 0, batch_size: int = 64, guidance: float = 1.0,
+                 spacing: str | None = None, seed: int = 0, batch_size: int = 64, guidance: float | None = None,
                  device=None):
         from fewstep.api import load_model
-        from fewstep.sampling import check_solver, resolve_timesteps
+        from fewstep.sampling import sampler_settings
 
         if num is None or int(num) < 2:
             raise FewstepError(f"--num must be >= 2 when sampling a model, got {num}")
@@ -225,17 +225,15 @@ class ModelSamples:
         if device is not None:
             den = den.to(device)
         self.denoiser = den
-        meta = den.meta
-        self.steps = int(steps or meta.get("default_steps", 50))
-        self.solver = check_solver(solver or meta.get("default_solver", "heun"))
-        self.spacing = spacing
-        self.timesteps = resolve_timesteps(den.process, self.steps, None, spacing)
-        self.seed, self.batch_size, self.guidance = int(seed), int(batch_size), float(guidance)
+        settings = sampler_settings(den, steps=steps, solver=solver, guidance=guidance, spacing=spacing)
+        self.steps, self.solver, self.renoise = settings.steps, settings.solver, settings.renoise
+        self.spacing, self.timesteps = settings.spacing, settings.timesteps
+        self.seed, self.batch_size, self.guidance = int(seed), int(batch_size), settings.guidance
         self.total = int(num)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "model": self.spec, "num": self.total, "steps": self.steps, "solver": self.solver,
-                "spacing": self.spacing, "seed": self.seed, "guidance": self.guidance}
+                "spacing": self.spacing, "renoise": self.renoise, "seed": self.seed, "guidance": self.guidance}
 
     @torch.no_grad()
     def batches(self):
@@ -253,7 +251,7 @@ class ModelSamples:
             if den.cond_kind == "class":
                 cond = (torch.arange(start, start + count) % int(den.num_classes)).to(device)
             x = sample(den, noise, timesteps=self.timesteps, solver=self.solver, cond=cond, guidance=self.guidance,
-                       renoise="fresh", seeds=seeds)
+                       renoise=self.renoise, seeds=seeds)
             yield x.to(torch.promote_types(x.dtype, torch.float32)).cpu()
 
 
@@ -262,7 +260,7 @@ def _looks_like_model_dir(path: Path) -> bool:
 
 
 def open_samples(spec, *, num: int | None = None, steps: int | None = None, solver: str | None = None,
-                 seed: int = 0, batch_size: int = 64, guidance: float = 1.0, device=None):
+                 seed: int = 0, batch_size: int = 64, guidance: float | None = None, device=None):
     """A sample source for `spec`: an .npz file, an image folder, or a model (name, model or run directory).
 
     A directory with config.json / config.yaml / model.safetensors is a model; other directories are
@@ -498,7 +496,7 @@ def _reference_side(ref, extractor: InceptionFeatures, protocol: dict, need_feat
 
 def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: str = "clean", num: int | None = None,
                 steps: int | None = None, solver: str | None = None, seed: int = 0, batch_size: int = 64,
-                guidance: float = 1.0, kid: bool = False, pr: bool = False, kid_subsets: int = 100,
+                guidance: float | None = None, kid: bool = False, pr: bool = False, kid_subsets: int = 100,
                 kid_subset_size: int = 1000, pr_k: int = 3, save_images: str | Path | None = None, device=None,
                 progress: Progress | None = None) -> dict:
     """FID of `samples` (image folder, samples .npz, or model sampled `num` times) against `ref`

@@ -72,6 +72,13 @@ def check_renoise(renoise: str) -> str:
     return renoise
 
 
+def _as_times(timesteps) -> torch.Tensor:
+    """float64 CPU times; Python numbers are read as float64 (not rounded through float32)."""
+    if isinstance(timesteps, torch.Tensor):
+        return timesteps.detach().to("cpu", torch.float64)
+    return torch.as_tensor(timesteps, dtype=torch.float64)
+
+
 def resolve_timesteps(process: NoiseProcess, steps=None, timesteps=None, spacing: str = "uniform") -> torch.Tensor:
     """The model times a sampler evaluates (float64, CPU): explicit `timesteps`, else `steps` with `spacing`.
 
@@ -79,7 +86,7 @@ def resolve_timesteps(process: NoiseProcess, steps=None, timesteps=None, spacing
     one is added by the sampler.
     """
     if timesteps is not None:
-        ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).flatten()
+        ts = _as_times(timesteps).flatten()
         if ts.numel() < 1:
             raise FewstepError("timesteps must not be empty")
         if ts.numel() > 1 and not bool(torch.all(ts[1:] < ts[:-1])):
@@ -200,7 +207,7 @@ def ode_solve(denoiser, x: torch.Tensor, timesteps, *, solver: str = "heun", con
     if solver == "fewstep":
         raise FewstepError("ode_solve needs an ODE solver (euler, heun, dpm++2m), not 'fewstep'")
     process = denoiser.process
-    ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64)
+    ts = _as_times(timesteps)
     if ts.ndim not in (1, 2) or ts.shape[0] < 2 or not bool(torch.all(ts[1:] < ts[:-1])):
         raise FewstepError(f"ode_solve needs at least 2 strictly decreasing times, got {ts.tolist()}")
     if not bool(torch.all(flow_time(process, ts[:-1]) > 0)):

@@ -21,26 +21,26 @@ EVAL_SEED = 0
 def save_sample_grid(denoiser, path: Path, steps: int = 1, num: int | None = None) -> Path:
     """A PNG of the model's samples: an image grid (64 images) or a 2-D scatter plot (4096 points)."""
     from fewstep.outputs import image_grid, scatter_png
-    from fewstep.sampling import generate
+    from fewstep.sampling import generate, sampler_settings
 
     two_d = data_kind(denoiser) == "2d"
     num = num or (4096 if two_d else 64)
-    solver = denoiser.meta.get("default_solver", "fewstep")
-    x, _ = generate(denoiser, num, steps=steps, solver=solver, seed=GRID_SEED, batch_size=1024,
-                    renoise=denoiser.meta.get("default_renoise", "fresh"),
-                    guidance=float(denoiser.meta.get("default_guidance", 1.0)))
+    s = sampler_settings(denoiser, steps=steps, solver=denoiser.meta.get("default_solver", "fewstep"))
+    x, _ = generate(denoiser, num, timesteps=s.timesteps, solver=s.solver, seed=GRID_SEED, batch_size=1024,
+                    renoise=s.renoise, guidance=s.guidance)
     im = scatter_png(x) if two_d else image_grid(x, nrow=8, scale=max(1, 128 // x.shape[-1]))
     return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def evaluate_model(denoiser, data: str, *, steps: int, solver: str, num: int, seed: int = EVAL_SEED,
-                   guidance: float = 1.0, renoise: str = "fresh") -> dict:
-    """The built-in metric of `num` samples (steps, solver) against the data's held-out reference."""
+                   guidance: float = 1.0, renoise: str = "fresh", timesteps=None) -> dict:
+    """The built-in metric of `num` samples (steps, solver) against the data's held-out reference.
+    `timesteps` (a decreasing list) overrides uniform spacing."""
     from fewstep.eval import default_metric, evaluate
     from fewstep.sampling import generate
 
-    x, labels = generate(denoiser, num, steps=steps, solver=solver, seed=seed, batch_size=1024,
-                         guidance=guidance, renoise=renoise)
+    x, labels = generate(denoiser, num, steps=None if timesteps is not None else steps, timesteps=timesteps,
+                         solver=solver, seed=seed, batch_size=1024, guidance=guidance, renoise=renoise)
     metric = default_metric(data)
     res = evaluate(metric, x, None, data=data, labels=labels)
     return {"metric": metric, "value": float(res["value"]), "n_samples": int(num)}
@@ -73,12 +73,13 @@ def quality_table(teacher, student, data: str, *, num: int, student_steps=(1, 2,
         rows.append({"model": label, "solver": solver, "steps": steps, **r})
         if progress:
             progress()
-    sm = student.meta
+    from fewstep.sampling import sampler_settings
+
     for steps in student_steps:
-        r = evaluate_model(student, data, steps=int(steps), solver=sm.get("default_solver", "fewstep"), num=num,
-                           guidance=float(sm.get("default_guidance", 1.0)),
-                           renoise=sm.get("default_renoise", "fresh"))
-        rows.append({"model": "student", "solver": sm.get("default_solver", "fewstep"), "steps": int(steps), **r})
+        s = sampler_settings(student, steps=int(steps), solver=student.meta.get("default_solver", "fewstep"))
+        r = evaluate_model(student, data, steps=s.steps, solver=s.solver, num=num, guidance=s.guidance,
+                           renoise=s.renoise, timesteps=s.timesteps)
+        rows.append({"model": "student", "solver": s.solver, "steps": s.steps, **r})
         if progress:
             progress()
     return rows
