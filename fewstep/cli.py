@@ -164,7 +164,9 @@ def sample(
     model: str | None = typer.Option(None, "--model", help="A model or run directory (same as --teacher)."),
     steps: int | None = typer.Option(None, help="Sampling steps (default: the model's own)."),
     solver: str | None = typer.Option(None, help="euler | heun | dpm++2m | fewstep (default: the model's)."),
-    spacing: str = typer.Option("uniform", help="Time spacing: uniform | karras | trailing | shifted."),
+    spacing: str | None = typer.Option(None, help="Time spacing: uniform | karras | trailing | shifted (default: the "
+                                       "model's own time list, else uniform)."),
+    renoise: str | None = typer.Option(None, help="Few-step re-noise: fresh | deterministic (default: the model's)."),
     num: int = typer.Option(4096, help="Number of samples."),
     seed: int = typer.Option(0, help="Base seed; sample i uses its own seed derived from it."),
     guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (1 = none; default: the "
@@ -182,7 +184,8 @@ def sample(
     spec = teacher or model
     with progress_bar("sampling", num) as bar:
         result = api.sample(spec, num=num, steps=steps, solver=solver, spacing=spacing, seed=seed,
-                            guidance=guidance, label=label, batch_size=batch_size, out=out, progress=bar.advance)
+                            guidance=guidance, label=label, batch_size=batch_size, out=out, progress=bar.advance,
+                            renoise=renoise)
     emit(result, as_json, "fewstep sample")
 
 
