@@ -90,6 +90,7 @@ class Trainer:
         self.accelerator = acc = _make_accelerator(cfg)
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.teacher_given = teacher is not None
         self.teacher = teacher if teacher is not None else load_model(cfg.teacher)
         self.teacher.to(self.device).requires_grad_(False).eval()
         self.out = Path(cfg.out)
@@ -105,14 +106,27 @@ class Trainer:
         if "student" not in self.roles or not self.roles["student"].trainable:
             raise FewstepError(f"method {cfg.method!r} must define a trainable 'student' role")
         self.nets, self.opts = {}, {}
+        # the parameters each trained role optimises: those the method left requiring grad (a LoRA student
+        # trains its adapters only), or all of them when it left none
+        self.trained_params: dict[str, list[torch.nn.Parameter]] = {}
+        for name, role in self.roles.items():
+            if role.trainable:
+                if not any(p.requires_grad for p in role.module.parameters()):
+                    role.module.requires_grad_(True)
+                self.trained_params[name] = [p for p in role.module.parameters() if p.requires_grad]
+        self.frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        self.teacher_cast = False
         for name, role in self.roles.items():
             role.module.to(self.device)
             if role.trainable:
-                role.module.requires_grad_(True).train()
-                opt = torch.optim.AdamW(role.module.parameters(), lr=self._base_lr(name), betas=tuple(role.betas),
+                role.module.train()
+                opt = torch.optim.AdamW(self.trained_params[name], lr=self._base_lr(name), betas=tuple(role.betas),
                                         weight_decay=role.weight_decay, foreach=True)
                 self.nets[name], self.opts[name] = acc.prepare(role.module, opt)
             else:
+                if not role.ema_of:
+                    self._cast_frozen(role.module)
+                    self.teacher_cast |= role.module is self.teacher and self.frozen_dtype is not None
                 role.module.requires_grad_(False).eval()
                 self.nets[name] = role.module
         self.student = self.roles["student"].module  # unwrapped
@@ -127,6 +141,30 @@ class Trainer:
             self._load(ckpt.latest_checkpoint(self.out))
 
     # -- setup ------------------------------------------------------------------------------------
+    def _cast_frozen(self, module: torch.nn.Module) -> None:
+        """Frozen networks (the teacher) are stored in the run's mixed precision (bf16/fp16) to save memory;
+        parameters they share with a trained network (a LoRA student's base weights) are left alone."""
+        if self.frozen_dtype is None:
+            return
+        if module is self.teacher and self.teacher_given and not hasattr(self, "_teacher_fp32"):
+            # a teacher handed in by the caller cannot be reloaded: keep its float weights for the final table
+            self._teacher_fp32 = copy.deepcopy(module).to("cpu")
+        shared = {id(p) for params in self.trained_params.values() for p in params}
+        for p in module.parameters():
+            if p.is_floating_point() and id(p) not in shared:
+                p.data = p.data.to(self.frozen_dtype)
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(self.frozen_dtype)
+
+    def _set_phase_grads(self, phase) -> None:
+        """Only the roles a phase trains compute parameter gradients: a generator phase that runs through
+        the critic (DMD2's GAN term) back-propagates through its activations, not into its weights."""
+        for name, params in self.trained_params.items():
+            flag = name in phase.trains
+            for p in params:
+                p.requires_grad_(flag)
+
     def _base_lr(self, role: str) -> float:
         return float(self.cfg.lr) * float(self.roles[role].lr_scale)
 
@@ -187,6 +225,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         for opt in self.opts.values():  # grads a phase leaves on networks it does not train are dropped
             opt.zero_grad(set_to_none=True)
+        self._set_phase_grads(phase)
         totals: dict[str, float] = {}
         # networks the phase trains are called through their DDP wrappers; the others directly (a DDP
         # module whose forward ran but that gets no backward would fail the next reduction)
@@ -431,7 +470,13 @@ class Trainer:
             num = cfg.eval_num or DEFAULT_EVAL_NUM[data_kind(self.teacher)]
             spec = cfg.teacher if not Path(cfg.teacher).exists() else None
             t0 = time.perf_counter()
-            rows = quality_table(self.teacher, model, data, num=num, student_steps=tuple(cfg.eval_steps),
+            teacher = self.teacher
+            if self.teacher_cast:  # the table scores the teacher in full precision, not its bf16 training copy
+                from fewstep.api import load_model
+
+                teacher = self._teacher_fp32 if self.teacher_given else load_model(cfg.teacher)
+                teacher.to(self.device).eval()
+            rows = quality_table(teacher, model, data, num=num, student_steps=tuple(cfg.eval_steps),
                                  teacher_spec=spec, guidance=cfg.guidance, progress=progress_eval)
             result["eval_seconds"] = round(time.perf_counter() - t0, 2)
         result["table"] = rows

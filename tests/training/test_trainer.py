@@ -345,3 +345,54 @@ def test_ctrl_c_finishes_the_iteration_checkpoints_and_resumes_exactly(tmp_path,
     distill(out=str(tmp_path / "split"), resume=True)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _ThroughCritic(_Counting):
+    """The generator's loss runs through the critic (like DMD2's GAN term): only the student may get gradients."""
+
+    seen: list = []
+
+    def loss(self, phase, batch, nets, ctx):
+        x = ctx.randn((batch.size, 2))
+        t = torch.full((batch.size,), 0.5)
+        if phase == "critic":
+            return {"loss": nets["critic"](x, t, None).pow(2).mean()}
+        critic_params = list(nets["critic"].parameters())
+        type(self).seen.append((all(not p.requires_grad for p in critic_params),
+                                all(p.requires_grad for p in nets["student"].parameters())))
+        out = nets["critic"](nets["student"](x, t, None), t, None).pow(2).mean()
+        return {"loss": out}
+
+
+def test_a_phase_back_propagates_only_into_the_roles_it_trains(tmp_path, register):
+    register("through-critic", _ThroughCritic)
+    _ThroughCritic.seen = []
+    run = tmp_path / "run"
+    distill(out=str(run), iters=4, **{**FAST, "method": "through-critic", "warmup": 0})
+    assert _ThroughCritic.seen == [(True, True), (True, True)]  # iterations 0 and 3
+    # the critic still trains in its own phase: 4 Adam steps, the student 2
+    tensors, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert float(tensors["opt.critic.0.step"]) == 4 and float(tensors["opt.student.0.step"]) == 2
+
+
+def test_bf16_keeps_the_frozen_teacher_in_bf16_and_scores_it_in_fp32(tmp_path, monkeypatch):
+    from fewstep.models.mlp import MLPNet
+    from fewstep.teachers import load_teacher, teacher_path
+    from fewstep.training.report import evaluate_model
+
+    weight_dtypes = set()
+    real_forward = MLPNet.forward
+
+    def recording_forward(self, *a, **k):
+        weight_dtypes.add(self.inp.weight.dtype)
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(MLPNet, "forward", recording_forward)
+    run = tmp_path / "run"
+    teacher_dir = str(teacher_path("toy:checkerboard"))  # a path: the trainer's own copy is the one scored
+    res = distill(out=str(run), iters=2, mixed_precision="bf16", eval_num=512, eval_steps=[1],
+                  **{**FAST, "teacher": teacher_dir, "eval": True})
+    assert weight_dtypes == {torch.bfloat16, torch.float32}  # the teacher in bf16, the student in fp32
+    monkeypatch.setattr(MLPNet, "forward", real_forward)
+    best = evaluate_model(load_teacher("toy:checkerboard"), "toy:checkerboard", steps=50, solver="heun", num=512)
+    assert res["table"][0]["model"] == "teacher (best)" and res["table"][0]["value"] == pytest.approx(best["value"])
