@@ -64,6 +64,21 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(DistillConfig)}
 
 
+def yaml_load(text: str):
+    """yaml.safe_load, except that numbers in exponent form without a dot (1e-3, 5E4) are floats: YAML 1.1,
+    which PyYAML follows, reads them as strings, so `lr: 1e-3` or `--opt huber_c=1e-3` would arrive as text."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
@@ -71,7 +86,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise FewstepError(f"--config {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise FewstepError(f"cannot parse {str(path)!r}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -144,7 +159,7 @@ def parse_option(text: str) -> tuple[str, object]:
     key, raw = text.split("=", 1)
     key = key.strip().replace("-", "_")
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_load(raw)
     except yaml.YAMLError:
         value = raw
     return key, value

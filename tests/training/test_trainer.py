@@ -21,6 +21,15 @@ FAST = dict(method="cd", teacher="toy:checkerboard", batch_size=32, eval=False, 
             log_every=1)
 
 
+def free_port() -> int:
+    """A free TCP port for a process group (two launches on accelerate's default port 29500 collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def weights(run: Path, sub: str = "student") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -239,7 +248,8 @@ def test_two_cpu_processes_hold_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # the launch line that works on CPU (ENVIRONMENT.md): --multi_gpu with 2 processes, cpu=True inside
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(run)]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), str(run)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = sorted((tmp_path / "run").glob("rank*.json"))
@@ -396,3 +406,14 @@ def test_bf16_keeps_the_frozen_teacher_in_bf16_and_scores_it_in_fp32(tmp_path, m
     monkeypatch.setattr(MLPNet, "forward", real_forward)
     best = evaluate_model(load_teacher("toy:checkerboard"), "toy:checkerboard", steps=50, solver="heun", num=512)
     assert res["table"][0]["model"] == "teacher (best)" and res["table"][0]["value"] == pytest.approx(best["value"])
+
+
+def test_exponent_numbers_without_a_dot_are_floats_in_recipes_and_options(tmp_path):
+    from fewstep.training.config import load_yaml, parse_option
+
+    # PyYAML reads YAML 1.1, where 1e-3 is a string; recipes and --opt values get a float
+    assert parse_option("huber_c=1e-3") == ("huber_c", 0.001) and parse_option("lr=5E4") == ("lr", 50000.0)
+    assert parse_option("steps=[1e-1, 2]") == ("steps", [0.1, 2]) and parse_option("name=e5") == ("name", "e5")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-3\nwarmup: 10\n")
+    assert load_yaml(recipe) == {"lr": 0.001, "warmup": 10}
