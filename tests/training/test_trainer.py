@@ -58,37 +58,13 @@ def test_run_directory_is_self_describing(tmp_path):
     assert any(not torch.equal(ema[k], online[k]) for k in ema)
 
 
-def _resume_matches(tmp_path, **kw):
-    full, split = tmp_path / "full", tmp_path / "split"
-    distill(out=str(full), iters=8, checkpoint_every=0, **kw)
-    res = distill(out=str(split), iters=8, checkpoint_every=0, stop_after=3, **kw)
-    assert not res["finished"] and res["iterations"] == 3 and not (split / "student").exists()
-    distill(out=str(split), resume=True, stop_after=1)  # 3 -> 4
-    distill(out=str(split), resume=True, stop_after=1)  # 4 -> 5
-    assert yaml.safe_load((split / "config.yaml").read_text())["stop_after"] is None
-    distill(out=str(split), resume=True)  # 5 -> 8: stop_after is not remembered
-    for sub in ("student", "student_online"):
-        a, b = weights(full, sub), weights(split, sub)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (sub, k)
-    # and the training actually moved the weights
-    from fewstep.teachers import load_teacher
-
-    teacher = load_teacher(kw["teacher"]).net.state_dict()
-    online = weights(full, "student_online")
-    assert any(not torch.equal(online[k], teacher[k]) for k in teacher)
-    log = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in log] == list(range(1, 9))
+def test_resume_is_bit_exact_2d(tmp_path, resume_matches):
+    resume_matches(tmp_path, **FAST)
 
 
-def test_resume_is_bit_exact_2d(tmp_path):
-    _resume_matches(tmp_path, **FAST)
-
-
-def test_resume_is_bit_exact_lcm_digits_with_three_roles(tmp_path):
+def test_resume_is_bit_exact_lcm_digits_with_three_roles(tmp_path, resume_matches):
     # LCM on the class-conditional digits teacher: student with a guidance input, EMA target, EMA of the student
-    _resume_matches(tmp_path, **{**FAST, "method": "lcm", "teacher": "digits", "batch_size": 8, "ema": "power"})
+    resume_matches(tmp_path, **{**FAST, "method": "lcm", "teacher": "digits", "batch_size": 8, "ema": "power"})
 
 
 def test_resume_refuses_changed_fields_and_missing_runs(tmp_path):
