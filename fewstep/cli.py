@@ -372,10 +372,14 @@ def distill(
     if rows:
         table = Table(title=f"{result['method']} on {result['teacher']}: {result['iterations']} iterations, "
                             f"{result.get('train_seconds', 0):.0f} s")
-        for col in ("model", "solver", "steps", rows[0]["metric"]):
+        from fewstep.training.report import extra_columns
+
+        extras = extra_columns(rows)
+        for col in ("model", "solver", "steps", rows[0]["metric"], *extras):
             table.add_column(col, justify="right" if col not in ("model", "solver") else "left")
         for r in rows:
-            table.add_row(r["model"], r["solver"], str(r["steps"]), f"{r['value']:.4f}")
+            table.add_row(r["model"], r["solver"], str(r["steps"]), f"{r['value']:.4f}",
+                          *(f"{r[e]:.4f}" if e in r else "" for e in extras))
         out_console.print(table)
     out_console.print(f"run: {result['run']}" + (f"  student: {result['student']}" if result.get("student") else
                                                  f"  (stopped; continue with: {result.get('resume_with')})"),
