@@ -14,10 +14,12 @@ def data_kind(denoiser) -> str:
     """"2d" for point data (shape (D,)), "image" otherwise (recipes and defaults are chosen by it)."""
     shape = denoiser.data_shape
     return "2d" if shape is not None and len(shape) == 1 else "image"
-GRID_SEED = 1234
-# reported beside the default metric in quality rows: the smallest mode's (class's) share of the samples
-SECONDARY_METRICS = {"toy:gaussians8": "coverage", "digits": "class-coverage"}  # sample grids use fixed per-sample seeds, separate from the training RNG
+
+
+GRID_SEED = 1234  # sample grids use fixed per-sample seeds, separate from the training RNG
 EVAL_SEED = 0
+# reported beside the default metric in quality rows: the smallest mode's (class's) share of the samples
+SECONDARY_METRICS = {"toy:gaussians8": "coverage", "digits": "class-coverage"}
 
 
 def save_sample_grid(denoiser, path: Path, steps: int = 1, num: int | None = None) -> Path:
