@@ -12,7 +12,8 @@ the data):
 d = squared L2 (mean over elements) or pseudo-Huber sqrt(|a - b|^2 + c^2) - c (2-RF++). k-reflow (`rounds`): each
 round trains on new pairs made by the previous round's student. One-step distillation (`distill_1step`, Liu et
 al. 2023 sec. 2.3) then trains, on the same pairs, the single Euler step from the sampler's first state
-z_0 = prior_std(t_0) z to x: d((z_f - D(z_0, t_0)) / s_0, (z_f - x) / s_0) (for a flow: d(v(z, 1), z - x)).
+z_0 = prior_std(t_0) z to x: d((z_f - D(z_0, t_0)) / s_0, (z_f - x) / s_0) (for a flow: d(v(z, 1), z - x));
+`distill_mix` keeps that fraction of each batch on the straight-line loss (a student good at 2-4 steps too).
 Straightness (Liu et al. 2023) of the teacher and of the student after each round is logged and reported.
 """
 
@@ -53,6 +54,7 @@ class ReflowConfig(MethodConfig):
     rounds: int = 1  # k-reflow: reflow rounds; round k > 1 trains on pairs made by round k - 1's student
     distill_1step: bool = False  # then distill the last round's flow into one step on the same pairs
     distill_share: float = 0.3  # fraction of --iters spent on the one-step distillation (the rounds share the rest)
+    distill_mix: float = 0.0  # fraction of each distillation batch that keeps training the straight line
     pairs: str | None = None  # round 1 trains on this pair set (`fewstep pairs`) instead of making one in RUN/pairs/
     pair_num: int = 20000  # pairs per round
     pair_steps: int = 50  # solver steps of the model that makes the pairs
@@ -85,6 +87,7 @@ class Reflow(DistillMethod):
         need(isinstance(c.rounds, int) and c.rounds >= 1, f"rounds must be an integer >= 1, got {c.rounds!r}")
         need(isinstance(c.distill_1step, bool), f"distill_1step must be true or false, got {c.distill_1step!r}")
         need(0 < c.distill_share < 1, f"distill_share must be in (0, 1), got {c.distill_share!r}")
+        need(0 <= c.distill_mix < 1, f"distill_mix must be in [0, 1), got {c.distill_mix!r}")
         for name in ("pair_num", "pair_steps", "pair_shard_size", "pair_batch_size", "sample_steps",
                      "straightness_num", "straightness_steps"):
             v = getattr(c, name)
@@ -167,12 +170,16 @@ class Reflow(DistillMethod):
         self._loaded = k
 
     def _finish(self, run: RunContext) -> None:
-        if any(r.get("final") for r in self.records):
-            return
         self.stage = self.plan[-1]
-        self._measure(run, len(self.plan), run.sampling_model(), _after(self.plan[-1]), final=True)
+        if any(r.get("final") and r["iteration"] == run.iteration for r in self.records):
+            return
+        for r in self.records:  # a finished run continued with more --iters: its old end is no longer final
+            if r.get("final"):
+                r["final"] = False
+                r["stage"] = f"end at {r['iteration']}"
+        self._measure(run, "final", run.sampling_model(), _after(self.plan[-1]), final=True)
 
-    def _measure(self, run: RunContext, stage_index: int, model, after: str, final: bool = False) -> None:
+    def _measure(self, run: RunContext, stage_index, model, after: str, final: bool = False) -> None:
         from fewstep.eval.straightness import straightness
 
         c = self.config
@@ -181,7 +188,7 @@ class Reflow(DistillMethod):
         value = None
         if run.is_main:
             run.status(f"straightness of {after}")
-            guidance = self.guidance if after == "teacher" else 1.0
+            guidance = self.guidance if model is self.teacher else 1.0  # students learnt the guided pairs
             value = straightness(model, c.straightness_num, steps=c.straightness_steps, guidance=guidance,
                                  batch_size=c.pair_batch_size)
         rec = {"after": after, "stage": stage_index, "iteration": run.iteration, "value": value,
@@ -254,7 +261,8 @@ class Reflow(DistillMethod):
         run.barrier()
         if res["pairs_made"]:
             run.log({"iteration": run.iteration + 1, "event": "pairs", "round": r, "out": str(out),
-                     "pairs_made": res["pairs_made"], "pairs_per_second": res["pairs_per_second"]})
+                     "pairs_made": res["pairs_made"], "seconds": res["seconds"],
+                     "pairs_per_second": res["pairs_per_second"]})
 
     def _check_given_manifest(self, path: str) -> None:
         """A given pair set must be this teacher's (checked from its manifest, before the run starts)."""
@@ -297,26 +305,27 @@ class Reflow(DistillMethod):
         z, x = z.to(dev, torch.float32), x.to(dev, torch.float32)
         cond = cond.to(dev) if cond is not None else None
         proc = self.teacher.process
+        n = batch.size
         shape = (-1,) + (1,) * (x.ndim - 1)
-        if self.stage is not None and self.stage["kind"] == "distill":
-            # the sampler's one Euler step: from x_f = prior_std(t_0) z / c(t_0) at s_0 to D(., t_0)
-            t = self.t_start.expand(batch.size)
-            s = torch.full((batch.size,), self.s_start, dtype=torch.float64)
-            x_f = z * self.start_scale
-            target = (x_f - x) / self.s_start
-            weight = None
-        else:
-            s_raw = self.sample_flow_times(batch.size, ctx.generator)
-            t = convert_time(s_raw, _FLOW, proc)
-            s = flow_time(proc, t)  # the flow time of the model time actually used
-            s_col = s.to(dev, torch.float32).reshape(shape)
-            x_f = (1.0 - s_col) * x + s_col * z
-            target = z - x
-            weight = (1.0 - s).to(dev, torch.float32) if self.config.loss_weight == "one_minus_t" else None
+        distill = self.stage is not None and self.stage["kind"] == "distill"
+        # rows 0..m-1 train the straight line at random times; in the distillation stage the other rows train
+        # the sampler's one Euler step, from x_f = prior_std(t_0) z / c(t_0) at s_0 to D(., t_0)
+        m = int(round(n * self.config.distill_mix)) if distill else n
+        s_raw = self.sample_flow_times(m, ctx.generator)
+        t_line = convert_time(s_raw, _FLOW, proc)
+        t = torch.cat([t_line, self.t_start.expand(n - m)])
+        s = torch.cat([flow_time(proc, t_line), torch.full((n - m,), self.s_start, dtype=torch.float64)])
+        s_col = s.to(dev, torch.float32).reshape(shape)
+        one_step = (torch.arange(n, device=dev) >= m).reshape(shape)
+        x_f = torch.where(one_step, z * self.start_scale, (1.0 - s_col) * x + s_col * z)
+        target = torch.where(one_step, (x_f - x) / self.s_start, z - x)
+        weight = None
+        if self.config.loss_weight == "one_minus_t":
+            weight = torch.where(one_step.flatten(), 1.0, 1.0 - s.to(dev, torch.float32))
         c = flow_scale(proc, t).to(dev, torch.float32).reshape(shape)
         x_t = c * x_f  # = alpha(t) x + sigma(t) z
         x0 = nets["student"](x_t, t.to(dev, torch.float32), cond, 1.0)
-        v = (x_f - x0.float()) / s.to(dev, torch.float32).reshape(shape)  # eps_hat - x0_hat
+        v = (x_f - x0.float()) / s_col  # eps_hat - x0_hat
         diff = (v - target).flatten(1)
         per = self.distance(diff)
         loss = (per * weight).mean() if weight is not None else per.mean()

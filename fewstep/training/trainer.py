@@ -4,8 +4,10 @@ The method supplies networks by role, optimizer settings, phases (which roles a 
 often it runs) and the loss of each phase; the trainer owns devices, mixed precision, DDP/FSDP
 wrapping, gradient accumulation, clipping, LR warm-up, EMAs, seeds, logging, sample grids,
 checkpoints (atomic; `resume` continues the latest bit-exactly on CPU), the NaN guard and the final
-quality table. A run directory holds config.yaml, log.jsonl, metrics.json, samples/*.png,
-student/ (the weights to sample with: the EMA when enabled) and checkpoints/.
+quality table. Methods that make their own training data or train in stages (reflow) get a `prepare`
+call before each iteration and after the last, and their `state_dict` rides in every checkpoint.
+A run directory holds config.yaml, log.jsonl, metrics.json, samples/*.png, student/ (the weights to
+sample with: the EMA when enabled) and checkpoints/.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ pairs under RUN/pairs/, straightness in metrics.json, exact resume within and ac
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,23 @@ def test_distillation_stage_trains_the_single_euler_step_from_the_samplers_start
             torch.testing.assert_close(out["loss"], (student.net.forward(x_t, t) - (z - x)).pow(2).mean().detach(),
                                        rtol=1e-4, atol=1e-6)
         assert float(flow_scale(process, torch.tensor(t0))) > 0
+
+
+def test_distillation_can_keep_part_of_each_batch_on_the_straight_line():
+    method, student = _method(RectifiedFlow(), "flow", {"distill_mix": 0.25, "time_dist": "uniform"})
+    method.stage = {"kind": "distill", "round": 1, "start": 0}
+    student.net.calls.clear()
+    out = method.loss("student", Batch(size=8), {"student": student}, _ctx(4))
+    g = torch.Generator().manual_seed(4)
+    z, x, _ = method.pairs.sample(8, g)
+    s_line = method.s_lo + (method.s_hi - method.s_lo) * torch.rand(2, generator=g, dtype=torch.float64)
+    (x_t, t), = student.net.calls
+    torch.testing.assert_close(t[:2].double(), s_line, rtol=1e-6, atol=1e-7)  # 2 of 8 rows: a random time
+    assert torch.all(t[2:] == 1.0) and torch.equal(x_t[2:], z[2:])  # the rest: the one step from pure noise
+    torch.testing.assert_close(x_t[:2], (1 - t[:2, None]) * x[:2] + t[:2, None] * z[:2])
+    with torch.no_grad():
+        v = student.net.forward(x_t, t)
+    torch.testing.assert_close(out["loss"], (v - (z - x)).pow(2).mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_u_shaped_times_favour_both_ends():
@@ -222,3 +240,28 @@ def test_resume_mid_round_and_across_rounds_is_bit_exact(tmp_path, monkeypatch):
                    if r.get("event") != "quality"] for d in (full, split))
     assert flog == slog
     assert yaml.safe_load((split / "config.yaml").read_text())["options"]["rounds"] == 2
+
+
+@pytest.mark.skipif(os.environ.get("FEWSTEP_SKIP_DDP") == "1", reason="explicitly disabled")
+def test_two_processes_share_the_pair_shards(tmp_path):
+    """DDP over gloo: every rank makes its shards of each round's pairs (worker = rank); the set is the one a
+    single process makes, byte for byte, and the 2-round run finishes with its straightness records."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("reflow_ddp_worker.py")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(run)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run / "result.json").read_text())
+    assert res["world_size"] == 2 and res["finished"]
+    assert [r["after"] for r in res["straightness"]] == ["teacher", "round 1", "round 2"]
+    opts = res["options"]
+    generate_pairs(load_teacher("toy:checkerboard"), tmp_path / "single", opts["pair_num"],
+                   steps=opts["pair_steps"], shard_size=opts["pair_shard_size"], teacher_spec="teacher")
+    assert _files(run / "pairs" / "round_1") == _files(tmp_path / "single")
+    assert len(list((run / "pairs" / "round_2").glob("shard_*"))) == 6
+    assert (run / "student" / "model.safetensors").is_file()
