@@ -13,8 +13,9 @@ teacher at its best setting (its default solver and step count), the teacher at 
 at 2 steps with its best 2-step solver (of Euler, Heun, DPM-Solver++(2M)), and the student at 1, 2 and 4
 steps, on the teacher's built-in metric (SWD for 2-D toys, FD-digits for digits; lower is better) with the
 same number of samples. Ratios are student / teacher-best, student-1-step / teacher-1-step and
-student-2-step / teacher-2-step. Methods that report straightness (reflow) show it for the teacher and for
-the final student. Later methods add rows by registering themselves; nothing here is method-specific.
+student-2-step / teacher-2-step. Methods that report straightness (reflow) show it for the teacher and after
+the last reflow round (every measurement is in the JSON). Later methods add rows by registering themselves;
+nothing here is method-specific.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def run_cell(method: str, teacher: str, *, iters=None, batch_size=None, options=
     cell["ratio_vs_teacher_best"] = {s: v / best for s, v in cell["student"].items()}
     if res.get("straightness"):
         recs = res["straightness"]
+        rounds = [r for r in recs if str(r["after"]).startswith("round")]
         cell["straightness"] = {"teacher": recs[0]["value"], "final": recs[-1]["value"],
+                                "after_rounds": rounds[-1]["value"] if rounds else recs[-1]["value"],
                                 "records": [{"after": r["after"], "value": r["value"]} for r in recs]}
     return cell
 
@@ -93,7 +96,7 @@ def print_table(cells):
     for c in cells:
         s, two = c["student"], c["teacher_2step"]
         st = c.get("straightness")
-        st_text = f"{st['teacher']:.4g} -> {st['final']:.4g}" if st else "-"
+        st_text = f"{st['teacher']:.4g} -> {st['after_rounds']:.4g}" if st else "-"
         print(f"{c['method']:<26} {c['teacher']:<18} {c['metric']:<10} {c['iterations']:>6} "
               f"{c['train_seconds']:>8.0f} {c['teacher_best']:>8.4f} {c['teacher_1step']:>8.4f} "
               f"{two['value']:>8.4f} ({two['solver']:<5}) {s[1]:>8.4f} {s[2]:>8.4f} {s[4]:>8.4f} "

@@ -137,9 +137,9 @@ class Reflow(DistillMethod):
         distill = int(round(total * c.distill_share)) if c.distill_1step else 0
         per = (total - distill) // c.rounds
         if per < 1 or (c.distill_1step and distill < 1):
-            need = c.rounds + int(c.distill_1step)
-            raise FewstepError(f"reflow with rounds={c.rounds}{' and distill_1step' if c.distill_1step else ''} "
-                               f"needs at least {need} iterations per stage split, got --iters {total}")
+            extra = f", distill_1step with distill_share={c.distill_share}" if c.distill_1step else ""
+            raise FewstepError(f"--iters {total} leaves a reflow stage without iterations (rounds={c.rounds}{extra}); "
+                               "use more iterations")
         plan = [{"kind": "reflow", "round": k + 1, "start": k * per} for k in range(c.rounds)]
         if c.distill_1step:
             plan.append({"kind": "distill", "round": c.rounds, "start": total - distill})

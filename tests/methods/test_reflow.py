@@ -146,7 +146,7 @@ def test_plan_options_and_errors():
     m = get_method("reflow")(teacher, build_method_config("reflow", {"rounds": 2, "distill_1step": True}))
     assert m.make_plan(10) == [{"kind": "reflow", "round": 1, "start": 0}, {"kind": "reflow", "round": 2, "start": 3},
                                {"kind": "distill", "round": 2, "start": 7}]
-    with pytest.raises(FewstepError, match="--iters 2"):
+    with pytest.raises(FewstepError, match="--iters 2 leaves a reflow stage without iterations"):
         m.make_plan(2)
     for opts, needle in (({"rounds": 0}, "rounds"), ({"pair_solver": "fewstep"}, "pair_solver"),
                          ({"time_dist": "beta"}, "time_dist"), ({"loss": "l1"}, "unknown loss"),
