@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 from fewstep.cli import app
@@ -44,6 +45,11 @@ def test_pairs_json_resume_and_workers(tmp_path):
     assert last_json(run(*args, "--json"))["shards_made"] == []
     r = run(*args)  # a table for people
     assert r.exit_code == 0 and "shards_present" in r.stdout
+    import fewstep  # the same call from Python: fewstep.pairs
+
+    res = fewstep.pairs("toy:checkerboard", tmp_path / "api", num=10, steps=3, shard_size=4)
+    q = load_pairs(tmp_path / "api")
+    assert res["complete"] and torch.equal(q.noise, p.noise) and torch.equal(q.x, p.x)
 
 
 def test_pairs_errors_are_one_line(tmp_path):
