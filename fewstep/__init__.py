@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0.dev0"
 
-from fewstep.api import distill, evaluate_samples, export, load_model, sample, train_teacher  # noqa: E402
+from fewstep.api import distill, evaluate_samples, export, load_model, pairs, sample, train_teacher  # noqa: E402
 from fewstep.errors import FewstepError  # noqa: E402
 
-__all__ = ["FewstepError", "__version__", "distill", "evaluate_samples", "export", "load_model", "sample",
+__all__ = ["FewstepError", "__version__", "distill", "evaluate_samples", "export", "load_model", "pairs", "sample",
            "train_teacher"]

@@ -155,6 +155,37 @@ def evaluate_samples(metric: str | None, samples, *, ref: str | None = None) -> 
     return result
 
 
+def pairs(teacher: str, out: str | Path, *, num: int, steps: int | None = None, solver: str = "heun",
+          spacing: str = "uniform", seed: int = 0, guidance: float = 1.0, shard_size: int = 4096,
+          batch_size: int = 1024, worker: int = 0, workers: int = 1, progress=None) -> dict:
+    """Make (or finish) the pair set `out`: teacher (noise, ODE sample) pairs as sharded safetensors
+    (see fewstep.sampling.pairs). `steps` defaults to the teacher's own; `progress(n, total)` after each batch."""
+    from fewstep.diffusion.timesteps import SPACINGS
+    from fewstep.sampling.pairs import generate_pairs, open_pairs, shard_name
+
+    _check_positive("--num", num)
+    _check_positive("--steps", steps)
+    _check_positive("--shard-size", shard_size)
+    _check_positive("--batch-size", batch_size)
+    if spacing not in SPACINGS:
+        raise FewstepError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if workers < 1 or not 0 <= worker < workers:
+        raise FewstepError(f"need 0 <= --worker < --workers, got --worker {worker} --workers {workers}")
+    den = load_model(teacher)
+    if guidance != 1.0 and den.cond_kind == "none":
+        raise FewstepError(f"--guidance needs a conditional model; {teacher!r} is unconditional")
+    steps = int(steps or den.meta.get("default_steps", 50))
+    kw = dict(steps=steps, solver=solver, spacing=spacing, seed=seed, guidance=guidance, shard_size=shard_size,
+              batch_size=batch_size, teacher_spec=str(teacher))
+    manifest = open_pairs(den, out, num, **kw)
+    todo = sum(min(shard_size, num - j * shard_size) for j in range(manifest["num_shards"])
+               if j % workers == worker and not (Path(out) / shard_name(j)).is_file())
+    result = generate_pairs(den, out, num, **kw, worker=worker, workers=workers,
+                            progress=(lambda n: progress(n, todo)) if progress is not None else None)
+    result["data"] = den.meta.get("data")
+    return result
+
+
 def train_teacher(data: str, out: str | Path, **kwargs) -> dict:
     """Train a flow-matching teacher on built-in data or an image folder (see fewstep.teachers.train)."""
     from fewstep.teachers.train import train_teacher as _train

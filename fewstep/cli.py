@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fewstep.commands.eval_features import register as register_feature_evals
+from fewstep.commands.pairs import register as register_pairs
 from fewstep.errors import FewstepError
 
 app = typer.Typer(
@@ -275,6 +276,9 @@ def _check_new_dir(out: Path):
     ensure_new_path(out, "--out")
 
 
+register_pairs(app)  # fewstep pairs: fewstep/commands/pairs.py
+
+
 # -- distill / methods / export ---------------------------------------------------------------------
 def _opt(default=None, help: str = "", flag: str | None = None):
     return typer.Option(default, *([flag] if flag else []), help=help, show_default=False)
@@ -353,7 +357,8 @@ def distill(
         eval_bar = _Bar("evaluating", None)
         try:
             result = run_distill(values, resume=resume, progress=progress,
-                                 progress_eval=lambda: eval_bar.advance(1) if PartialState().is_main_process else None)
+                                 progress_eval=lambda: eval_bar.advance(1) if PartialState().is_main_process else None,
+                                 status=lambda text: bar.note(text) if PartialState().is_main_process else None)
         finally:
             eval_bar.close()
     result.pop("table_text", None)

@@ -8,6 +8,7 @@ from fewstep.methods.base import (
     MethodConfig,
     Phase,
     Role,
+    RunContext,
     StepContext,
     available_methods,
     build_method_config,
@@ -16,6 +17,6 @@ from fewstep.methods.base import (
 )
 
 __all__ = [
-    "Batch", "DistillMethod", "MethodConfig", "Phase", "Role", "StepContext", "available_methods",
+    "Batch", "DistillMethod", "MethodConfig", "Phase", "Role", "RunContext", "StepContext", "available_methods",
     "build_method_config", "get_method", "register_method",
 ]

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,6 +79,37 @@ class StepContext:
         return torch.randint(low, high, (n,), generator=self.generator)
 
 
+def _no_op(*args, **kwargs) -> None:
+    return None
+
+
+@dataclass
+class RunContext:
+    """What `DistillMethod.prepare` sees (the trainer builds it before each iteration).
+
+    out: the run directory (a method keeps its own files under it, e.g. reflow's RUN/pairs/); iteration: the
+    iteration about to run (== total once training has finished); total: the run's iterations; rank/world and
+    barrier(): the process group (every rank calls prepare); sampling_model(): the student as it is sampled now
+    (its EMA when the run keeps one); log(record): append a line to log.jsonl (main process only);
+    status(text): a short progress note (the CLI shows it beside the progress bar).
+    """
+
+    out: Path
+    iteration: int
+    total: int
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    sampling_model: Callable | None = None
+    barrier: Callable[[], None] = field(default=_no_op)
+    log: Callable[[dict], None] = field(default=_no_op)
+    status: Callable[[str], None] = field(default=_no_op)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 @dataclass
 class MethodConfig:
     """Base class of per-method hyperparameters (each method subclasses it with its own fields)."""
@@ -109,6 +142,26 @@ class DistillMethod:
     def student_meta(self) -> dict:
         """How the saved student samples by default (solver, steps, renoise, guidance)."""
         return {"default_solver": "fewstep", "default_steps": 1, "default_renoise": "fresh"}
+
+    # -- optional hooks (methods that make their own training data or train in stages) -------------
+    def prepare(self, run: RunContext) -> None:
+        """Called by the trainer before every iteration and once after the last (run.iteration == run.total).
+
+        Methods that train on data they make themselves (reflow's teacher pairs), or in stages, make or load it
+        here, keeping files under run.out so a resumed run finds them; return at once when nothing changes.
+        Randomness here must not come from ctx.generator or the global RNG (a resumed run would diverge).
+        """
+
+    def state_dict(self) -> dict:
+        """The method's own JSON-able progress (e.g. its current stage), saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (called on resume, before `prepare`)."""
+
+    def metrics(self) -> dict:
+        """Extra JSON-able entries for metrics.json and the run's result (e.g. reflow's straightness)."""
+        return {}
 
     # -- helpers ------------------------------------------------------------------------------
     def student_from_teacher(self, **network_overrides):
@@ -162,6 +215,7 @@ def get_method(name: str) -> type[DistillMethod]:
 
 def _load_builtin_methods():
     import fewstep.methods.consistency  # noqa: F401  (registers cd, lcm)
+    import fewstep.methods.reflow  # noqa: F401  (registers reflow)
 
 
 def build_method_config(name: str, values: dict | None) -> MethodConfig:

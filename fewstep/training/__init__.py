@@ -9,14 +9,14 @@ from fewstep.training.config import RECIPES, DistillConfig, load_yaml
 
 
 def distill(config: str | Path | dict | DistillConfig | None = None, *, resume: bool = False, progress=None,
-            progress_eval=None, teacher_model=None, **overrides) -> dict:
+            progress_eval=None, teacher_model=None, status=None, **overrides) -> dict:
     """Distill a teacher into a few-step student; returns a JSON-able summary (with the quality table).
 
     `config`: a YAML recipe path, a dict or a DistillConfig; keyword `overrides` win over it (each is a
     DistillConfig field: method, teacher, iters, batch_size, lr, out, ...). With `resume=True`, `out`
     names an existing run, which continues from its latest checkpoint. `teacher` may pass an already
     loaded Denoiser (then the `teacher` field only names it). `progress(iteration, total, losses)` is called
-    every iteration.
+    every iteration; `status(text)` gets short notes from the method's own preparation (e.g. reflow's pairs).
     """
     from accelerate.state import PartialState
 
@@ -53,7 +53,7 @@ def distill(config: str | Path | dict | DistillConfig | None = None, *, resume: 
         from accelerate.utils import broadcast_object_list
 
         cfg = dataclasses.replace(cfg, out=broadcast_object_list([cfg.out])[0])
-    trainer = Trainer(cfg, resume=resume, progress=progress, teacher=teacher_model)
+    trainer = Trainer(cfg, resume=resume, progress=progress, teacher=teacher_model, status=status)
     if not resume and state.is_main_process:  # only once the run is known to start: a failure writes nothing
         write_config(cfg)
     state.wait_for_everyone()

@@ -56,6 +56,10 @@ RECIPES: dict[tuple[str, str], dict] = {
     ("cd", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
     ("lcm", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
     ("lcm", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
+    ("reflow", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995,
+                       "options": {"pair_num": 20000}},
+    ("reflow", "image"): {"iters": 1000, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999,
+                          "options": {"pair_num": 10000, "pair_steps": 32}},
 }
 FALLBACK = {"iters": 1000, "batch_size": 64, "lr": 1e-4}
 

@@ -4,8 +4,10 @@ The method supplies networks by role, optimizer settings, phases (which roles a 
 often it runs) and the loss of each phase; the trainer owns devices, mixed precision, DDP/FSDP
 wrapping, gradient accumulation, clipping, LR warm-up, EMAs, seeds, logging, sample grids,
 checkpoints (atomic; `resume` continues the latest bit-exactly on CPU), the NaN guard and the final
-quality table. A run directory holds config.yaml, log.jsonl, metrics.json, samples/*.png,
-student/ (the weights to sample with: the EMA when enabled) and checkpoints/.
+quality table. Methods that make their own training data or train in stages (reflow) get a `prepare`
+call before each iteration and after the last, and their `state_dict` rides in every checkpoint.
+A run directory holds config.yaml, log.jsonl, metrics.json, samples/*.png, student/ (the weights to
+sample with: the EMA when enabled) and checkpoints/.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from fewstep.errors import FewstepError
 from fewstep.fileio import atomic_write
-from fewstep.methods.base import Batch, StepContext, build_method_config, get_method
+from fewstep.methods.base import Batch, RunContext, StepContext, build_method_config, get_method
 from fewstep.training import checkpoint as ckpt
 from fewstep.training.config import DistillConfig, make_config, resolve
 from fewstep.training.ema import ema_decay_at, ema_update
@@ -82,11 +84,12 @@ def _make_accelerator(cfg: DistillConfig):
 class Trainer:
     """Build a run from a resolved DistillConfig (or resume one) and train it."""
 
-    def __init__(self, cfg: DistillConfig, *, teacher=None, resume: bool = False, progress=None):
+    def __init__(self, cfg: DistillConfig, *, teacher=None, resume: bool = False, progress=None, status=None):
         from fewstep.api import load_model
 
         self.cfg = cfg
         self.progress = progress
+        self.status = status  # status(text): notes from the method's prepare hook (e.g. pair generation)
         self.accelerator = acc = _make_accelerator(cfg)
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -137,6 +140,7 @@ class Trainer:
         self.saved_iteration = -1  # the iteration of the last checkpoint this process took part in
         self.loss_avg: dict[str, float] = {}
         self.elapsed = 0.0
+        self._saved_method_state = self.method.state_dict()
         if resume:
             self._load(ckpt.latest_checkpoint(self.out))
 
@@ -207,6 +211,13 @@ class Trainer:
         return 1.0
 
     # -- training ---------------------------------------------------------------------------------
+    def _prepare_method(self, iteration: int) -> None:
+        """The method's prepare hook (data it makes itself, stages) before `iteration` (== iters at the end)."""
+        self.method.prepare(RunContext(
+            out=self.out, iteration=iteration, total=int(self.cfg.iters), device=self.device, rank=self.rank,
+            world=self.world, sampling_model=self.sampling_model, barrier=self.accelerator.wait_for_everyone,
+            log=self._log, status=self.status or (lambda text: None)))
+
     def _all_finite(self, value: torch.Tensor) -> bool:
         ok = torch.tensor([1.0 if bool(torch.isfinite(value.detach()).all()) else 0.0], device=self.device)
         if self.world > 1:
@@ -304,6 +315,7 @@ class Trainer:
         interrupted = False
         while self.iteration < stop_at:
             it = self.iteration
+            self._prepare_method(it)
             factor = self._lr_factor(it)
             for name, opt in self.opts.items():
                 for g in opt.param_groups:
@@ -336,7 +348,9 @@ class Trainer:
                 interrupted = True
                 break
         self.elapsed += time.perf_counter() - t_start
-        if self.saved_iteration != self.iteration:
+        if not interrupted and self.iteration >= total:
+            self._prepare_method(total)
+        if self.saved_iteration != self.iteration or self.method.state_dict() != self._saved_method_state:
             self.save_checkpoint()
         out = {"iterations": self.iteration, "finished": self.iteration >= total,
                "train_seconds": round(self.elapsed, 2)}
@@ -368,8 +382,9 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
         tensors: dict[str, torch.Tensor] = {}
+        method_state = self.method.state_dict()
         meta: dict = {"optimizers": {}, "loss_avg": self.loss_avg, "elapsed_s": self.elapsed,
-                      "world_size": self.world}
+                      "world_size": self.world, "method_state": method_state}
         for name, role in self.roles.items():
             if role.trainable or role.ema_of:
                 for k, v in role.module.state_dict().items():
@@ -400,6 +415,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.out, self.iteration, tensors, meta, keep=self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
         self.saved_iteration = self.iteration
+        self._saved_method_state = method_state
         return path
 
     def _load(self, path: Path | None) -> None:
@@ -426,6 +442,8 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"][self.rank].clone(), self.device)
         if meta.get("scaler") and getattr(self.accelerator, "scaler", None) is not None:
             self.accelerator.scaler.load_state_dict(meta["scaler"])
+        self.method.load_state_dict(meta.get("method_state") or {})
+        self._saved_method_state = self.method.state_dict()
         self.iteration = self.saved_iteration = int(meta["iteration"])
         self.loss_avg = dict(meta.get("loss_avg", {}))
         self.elapsed = float(meta.get("elapsed_s", 0.0))
@@ -480,6 +498,8 @@ class Trainer:
                                  teacher_spec=spec, guidance=cfg.guidance, progress=progress_eval)
             result["eval_seconds"] = round(time.perf_counter() - t0, 2)
         result["table"] = rows
+        for key, value in self.method.metrics().items():  # the method's own numbers (e.g. reflow's straightness)
+            result.setdefault(key, value)
         metrics = {k: v for k, v in result.items()}
         atomic_write(self.out / METRICS, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
         if rows:
