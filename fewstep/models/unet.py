@@ -111,5 +111,9 @@ class UNetNet(nn.Module):
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
+    def feature_layer(self) -> nn.Module:
+        """The layer whose output GAN heads read (DMD2): the bottleneck, after the middle attention."""
+        return self.mid2
+
     def config(self) -> dict:
         return dict(self._config)
