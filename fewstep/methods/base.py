@@ -215,7 +215,9 @@ def get_method(name: str) -> type[DistillMethod]:
 
 def _load_builtin_methods():
     import fewstep.methods.consistency  # noqa: F401  (registers cd, lcm)
+    import fewstep.methods.dmd  # noqa: F401  (registers dmd, dmd2, sid)
     import fewstep.methods.reflow  # noqa: F401  (registers reflow)
+    import fewstep.methods.tdm  # noqa: F401  (registers tdm)
 
 
 def build_method_config(name: str, values: dict | None) -> MethodConfig:

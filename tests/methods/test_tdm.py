@@ -1,0 +1,165 @@
+"""TDM: the student's deterministic path, the re-noise/diffuse step and its importance weight, both losses,
+steps-aware grids saved with the student, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.methods import Batch, StepContext, build_method_config, get_method
+from fewstep.sampling import sample_fewstep
+from fewstep.teachers import load_teacher
+from fewstep.training import distill
+
+FAST = dict(teacher="toy:checkerboard", batch_size=32, eval=False, sample_every=0, warmup=2, log_every=1)
+
+
+def ctx(seed=0):
+    return StepContext(iteration=0, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+
+
+def tdm(teacher="toy:checkerboard", **opts):
+    t = load_teacher(teacher) if isinstance(teacher, str) else teacher
+    return get_method("tdm")(t, build_method_config("tdm", opts))
+
+
+def test_defaults_follow_the_paper():
+    m = tdm()
+    c = m.config
+    assert len(m.gen_times) == 4 and m.gen_times.tolist() == [1.0, 0.75, 0.5, 0.25]
+    assert c.fake_lr_scale == 5.0 and (c.student_beta1, c.critic_beta1, c.beta2) == (0.0, 0.0, 0.95)
+    assert c.huber_c == 1e-3 and c.snr_cap == 5.0 and c.update_ratio == 1
+    roles = m.networks()
+    assert roles["fake_score"].lr_scale == 5.0 and roles["student"].betas == (0.0, 0.95)
+    assert not roles["teacher"].trainable
+    meta = m.student_meta()
+    assert meta["default_renoise"] == "deterministic" and meta["default_steps"] == 4
+    assert set(meta["timesteps"]) == {"1", "2", "3", "4"} and meta["timesteps"]["2"] == [1.0, 0.5]
+    assert meta["timesteps"]["3"] == pytest.approx([1.0, 2 / 3, 1 / 3])
+
+
+def test_trajectory_points_lie_on_the_students_deterministic_sampling_path():
+    """The state at step k of the rollout is the state `fewstep sample` (fewstep sampler, deterministic
+    re-noise = DDIM) reaches at step k from the same noise."""
+    teacher = load_teacher("toy:checkerboard")
+    m = tdm(teacher, steps_aware=False)
+    student = m.networks()["student"].module.eval()
+    c1, c2 = ctx(4), ctx(4)
+    x_k, t_k, t_low = m.trajectory_point(student, Batch(size=64), c1)
+    noise = c2.randn((64, 2))  # the same draws as inside trajectory_point: noise, then the steps
+    k = c2.randint(0, 4, 64)
+    with torch.no_grad():
+        path = sample_fewstep(student, noise, m.gen_times, renoise="deterministic", capture=True)
+    expected = path.xs[k, torch.arange(64)]
+    assert torch.allclose(x_k, expected, atol=1e-5)
+    assert torch.equal(t_k, m.gen_times[k])
+    grid = m.gen_times.tolist() + [0.0]
+    assert t_low.tolist() == [grid[int(i) + 1] for i in k]
+
+
+def test_diffuse_keeps_the_marginal_and_weights_non_gaussian_noise_down():
+    """x_t = alpha_t x0_s + sigma_t m with m the mixed noise; when the student's implied eps is Gaussian,
+    m is unit Gaussian and (in many dimensions) the importance weight is ~1; a too-large eps is weighted down."""
+    m = tdm(steps_aware=False)
+    proc = m.teacher.process
+    b, d = 256, 1024
+    x0 = torch.randn(b, d, generator=torch.Generator().manual_seed(0))
+    t_k = torch.full((b,), 0.75, dtype=torch.float64)
+    t_low = torch.full((b,), 0.5, dtype=torch.float64)
+    weights = {}
+    for scale in (1.0, 3.0):
+        eps_s = scale * torch.randn(b, d, generator=torch.Generator().manual_seed(1))
+        x_k = float(proc.alpha(t_k[0])) * x0 + float(proc.sigma(t_k[0])) * eps_s
+        d_ = m.diffuse(x0, x_k, t_k, t_low, ctx(2))  # the same t and fresh noise for both
+        x_t, t, weights[scale] = d_["x_t"], d_["t"], d_["weight"]
+        assert torch.all((t > 0.5) & (t < 0.75))  # inside (t_mid, t_k)
+        if scale == 1.0:
+            noise = (x_t - (1 - t)[:, None] * x0) / t[:, None]
+            assert abs(float(noise.std()) - 1) < 0.05
+    assert abs(float(weights[1.0].mean()) - 1) < 0.05
+    assert torch.all(weights[3.0] < 0.7 * weights[1.0])
+    # the last step's interval reaches clean data: x_mid = x0_s, then plain forward noising
+    d_ = m.diffuse(x0, x0 * 0.75 + 0.25 * torch.randn(b, d), torch.full((b,), 0.25, dtype=torch.float64),
+                   torch.zeros(b, dtype=torch.float64), ctx(3))
+    t, w = d_["t"], d_["weight"]
+    assert torch.all((t >= 0.01) & (t < 0.25)) and torch.allclose(w, torch.ones(b), atol=1e-6)
+
+
+def test_fake_score_weight_is_min_snr_5():
+    m = tdm()
+    t = torch.tensor([0.05, 0.5, 0.95])
+    snr = ((1 - t) / t) ** 2
+    assert torch.allclose(m.snr_weight(t), torch.minimum(snr, torch.tensor(5.0)), rtol=1e-5)
+
+
+def test_generator_moves_x0_toward_the_guided_teacher_and_away_from_the_fake():
+    """The generator's update -dL/dx0_s has the sign of x0_teacher_cfg - x0_fake element by element."""
+    teacher = load_teacher("digits")
+    m = get_method("tdm")(teacher, build_method_config("tdm", {"steps_aware": False}), guidance=2.0)
+    roles = m.networks()
+    nets = {k: r.module for k, r in roles.items()}
+    torch.nn.init.normal_(nets["fake_score"].net.conv_out.weight, std=0.05)  # a fake score unlike the teacher
+    x0_s = torch.randn(8, 1, 8, 8, requires_grad=True)
+    cond = torch.arange(8)
+    gaps = {}
+    orig = m.real_minus_fake
+
+    def spy(nets_, x_t, t, cond_):
+        gap, real = orig(nets_, x_t, t, cond_)
+        gaps["gap"] = gap
+        # the real score is the teacher guided at w = 2: cond + (w - 1)(cond - uncond)
+        with torch.no_grad():
+            c_, u_ = teacher(x_t, t, cond_), teacher(x_t, t, None)
+        assert torch.allclose(real, c_ + (c_ - u_), atol=1e-5)
+        return gap, real
+
+    m.real_minus_fake = spy
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, t, cond=None, guidance=1.0):
+            return x0_s
+
+    nets["student"] = Fixed()
+    out = m.loss("generator", Batch(size=8, cond=cond), nets, ctx(1))
+    out["loss"].backward()
+    update, gap = -x0_s.grad, gaps["gap"]
+    big = gap.abs() > 1e-2
+    assert torch.all(torch.sign(update[big]) == torch.sign(gap[big]))
+
+
+def test_steps_aware_training_uses_every_step_count():
+    m = tdm()
+    student = m.networks()["student"].module
+    seen = set()
+    c = ctx(0)
+    for _ in range(40):
+        x_k, t_k, t_low = m.trajectory_point(student, Batch(size=4), c)
+        seen.add(round(float((t_k - t_low).max()), 3))  # interval lengths: 1, 0.5, 1/3, 0.25
+    assert {1.0, 0.5, 0.333, 0.25} <= seen
+    with pytest.raises(FewstepError, match="steps_aware=false"):
+        tdm(timesteps=[1.0, 0.5])
+    with pytest.raises(FewstepError, match="unknown interval"):
+        tdm(interval="all")
+
+
+def test_student_samples_deterministically_on_its_saved_grids(tmp_path):
+    from fewstep import api
+
+    run = tmp_path / "run"
+    distill(method="tdm", out=str(run), iters=3, **FAST)
+    from fewstep.sampling import sampler_settings
+
+    student = api.load_model(run)
+    for steps, grid in ((4, [1.0, 0.75, 0.5, 0.25]), (2, [1.0, 0.5]), (1, [1.0])):
+        assert sampler_settings(student, steps=steps).timesteps.tolist() == grid
+        a = api.sample(str(run), num=32, steps=steps, seed=1)
+        assert a["renoise"] == "deterministic" and a["spacing"] == "saved"
+        b = api.sample(str(run), num=32, steps=steps, seed=1)
+        assert torch.equal(a["_samples"], b["_samples"])  # deterministic given the seed
+    res = api.sample(str(run), num=8)
+    assert res["steps"] == 4
+
+
+def test_resume_is_bit_exact(tmp_path, resume_matches):
+    resume_matches(tmp_path, method="tdm", **FAST)
