@@ -472,11 +472,13 @@ class Trainer:
         return result
 
 
-def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check_out: bool = True) -> DistillConfig:
+def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check_out: bool = True,
+                loaded: dict | None = None) -> DistillConfig:
     """Resolve a config dict (defaults < recipe < YAML/flags) and set up the run directory.
 
     New run: `out` must not exist or be empty; config.yaml is written. Resume: `out` must hold a run;
-    its config.yaml is used, with only RESUME_OVERRIDABLE fields taken from `values`.
+    its config.yaml is used, with only RESUME_OVERRIDABLE fields taken from `values`. `loaded` (a dict) receives
+    the teacher loaded for the checks under "teacher", so the trainer need not load it again.
     """
     from fewstep.api import load_model
     from fewstep.outputs import ensure_new_path
@@ -511,6 +513,8 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
         return cfg
     cfg = make_config(values)
     teacher = load_model(cfg.teacher, **teacher_options(cfg))
+    if loaded is not None:
+        loaded["teacher"] = teacher
     cfg = resolve(cfg, data_kind(teacher), explicit)
     if cfg.lora_rank and not hasattr(teacher.net, "derive"):
         raise FewstepError(f"--lora-rank needs a diffusers teacher (sd15, sdxl, sd3, a hub id or pipeline folder), "

@@ -44,7 +44,8 @@ def one_thread():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return {"sdxl": save_random_pipeline("sdxl", root / "sdxl"), "sd3": save_random_pipeline("sd3", root / "sd3"),
-            "data": save_caption_folder(root / "captions"), "root": root}
+            "sd2-v": save_random_pipeline("sd2-v", root / "sd2-v"), "data": save_caption_folder(root / "captions"),
+            "root": root}
 
 
 def _distill(tiny, arch, method, student, options, guidance=2.0):
@@ -142,6 +143,31 @@ def test_flow_transformer_teacher_exports_with_flow_match_scheduler(tiny):
     base.load_lora_weights(str(lora_dir))
     base.scheduler = type(pipe.scheduler).from_pretrained(str(lora_dir), subfolder="scheduler")
     torch.testing.assert_close(_stock_images(base, PROMPTS[:2], 1, 1.0, seed=3), theirs, rtol=0, atol=1e-5)
+
+
+def test_v_prediction_and_deterministic_students(tiny):
+    """An SD2-style v-prediction student exports with LCMScheduler(v_prediction); the same student sampled with
+    deterministic re-noise (DDIM, as TDM samples) exports with DDIMScheduler(trailing) and still matches."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.models.io import save_denoiser
+
+    run = _distill(tiny, "sd2-v", "cd", "full", {})
+    student = fewstep.load_model(run)
+    assert student.prediction == "v"
+    student.meta.update(default_renoise="deterministic", default_steps=4)
+    ddim_dir = tiny["root"] / "sd2-v-ddim-student"
+    save_denoiser(student, ddim_dir)
+    for model, name, steps in ((run, "LCMScheduler", (1, 2)), (ddim_dir, "DDIMScheduler", (1, 2, 4))):
+        out = tiny["root"] / f"export-{name}"
+        res = fewstep.export(model, out, format="diffusers")
+        assert res["scheduler"] == name and set(steps) <= set(res["exact_steps"])
+        pipe = DiffusionPipeline.from_pretrained(str(out))
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+        for n in steps:
+            torch.testing.assert_close(_fewstep_images(model, PROMPTS, n, seed=1),
+                                       _stock_images(pipe, PROMPTS, n, 1.0, seed=1), rtol=0, atol=1e-5)
 
 
 def test_builtin_students_still_export_as_safetensors_only(tmp_path):
