@@ -205,6 +205,32 @@ def distill(config=None, **kwargs) -> dict:
 EXPORT_FORMATS = ("safetensors", "diffusers", "lora")
 
 
+def run_summary(run: str | Path, metrics: dict) -> dict:
+    """What a model card reports about the run that made a student: its CFG scale, training time and the last
+    logged (averaged) losses."""
+    import json
+
+    run = Path(run)
+    out: dict = {}
+    if (run / "config.yaml").is_file():
+        from fewstep.training.config import load_yaml
+
+        cfg = load_yaml(run / "config.yaml")
+        out.update({k: cfg.get(k) for k in ("guidance", "iters", "batch_size", "lr", "lora_rank", "resolution")})
+    if metrics.get("train_seconds") is not None:
+        out["train_seconds"] = metrics["train_seconds"]
+    if (run / "log.jsonl").is_file():
+        for line in reversed((run / "log.jsonl").read_text().splitlines()):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "losses_avg" in rec:
+                out["losses"] = rec["losses_avg"]
+                break
+    return out
+
+
 def export(run: str | Path, out: str | Path, *, format: str = "safetensors") -> dict:
     """Write a run's student to the new directory `out`: fewstep's safetensors + config.json + README.md, a
     complete diffusers pipeline folder (`diffusers`, students of diffusers teachers) or diffusers LoRA weights
@@ -220,11 +246,12 @@ def export(run: str | Path, out: str | Path, *, format: str = "safetensors") -> 
     out = ensure_new_path(out, "--out")
     den = load_model(run)
     metrics_path = Path(run) / "metrics.json"
-    rows = (json.loads(metrics_path.read_text()).get("table") or []) if metrics_path.is_file() else []
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    rows = metrics.get("table") or []
     if format in ("diffusers", "lora"):
         from fewstep.exporters import export_lora, export_pipeline
 
-        res = (export_pipeline if format == "diffusers" else export_lora)(den, out, rows)
+        res = (export_pipeline if format == "diffusers" else export_lora)(den, out, rows, run_summary(run, metrics))
         return {"run": str(run), "format": format, "out": str(out), "scheduler": res["scheduler"]["scheduler"],
                 "exact_steps": res["scheduler"]["exact_steps"], "files": [str(out / f) for f in res["files"]]}
     save_denoiser(den, out)

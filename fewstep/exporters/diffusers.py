@@ -21,7 +21,6 @@ in turn; fewstep's diffusers models use that "sequential" stream per sample, so
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import tempfile
@@ -155,8 +154,10 @@ def usage_snippet(den, info: dict, load: str) -> str:
     ])
 
 
-def model_card(den, info: dict, fmt: str, rows: list[dict], out: Path) -> str:
-    """README.md text: what the student is, how it samples, how to load it, the run's metrics."""
+def model_card(den, info: dict, fmt: str, rows: list[dict], out: Path, run: dict | None = None) -> str:
+    """README.md text: what the student is, how it samples, how to load it, the run's metrics (the quality table
+    when the run has one, else its training time and last logged losses)."""
+    run = run or {}
     meta = den.meta
     net = den.net
     lora = getattr(net, "role", "") == "lora"
@@ -175,30 +176,40 @@ def model_card(den, info: dict, fmt: str, rows: list[dict], out: Path) -> str:
         f"scheduler `{info['scheduler']}` reproduces it at {', '.join(map(str, info['exact_steps'])) or 'no'} "
         "step(s)",
         f"- resolution: {meta.get('resolution')}",
+        *([f"- distilled with the teacher at CFG scale {run['guidance']:g}"] if run.get("guidance") is not None
+          else []),
         "",
         "## Use", "",
     ]
     if fmt == "diffusers":
         load = f'pipe = DiffusionPipeline.from_pretrained("{out}")'
     else:
-        cfg = json.dumps(info["config"])
-        load = "\n".join([f'pipe = DiffusionPipeline.from_pretrained("{meta.get("source")}")',
+        load = "\n".join([f"from diffusers import {info['scheduler']}",
+                          f'pipe = DiffusionPipeline.from_pretrained("{meta.get("source")}")',
                           f'pipe.load_lora_weights("{out}")',
-                          f"from diffusers import {info['scheduler']}",
-                          f"pipe.scheduler = {info['scheduler']}.from_config({cfg})"])
+                          f'pipe.scheduler = {info["scheduler"]}.from_pretrained("{out}", subfolder="scheduler")'])
     lines += [usage_snippet(den, info, load), "",
               "Images equal `fewstep sample --model RUN --prompt ... --seed S` when the pipeline gets one generator "
               "per image: `generator=[torch.Generator().manual_seed(s) for s in "
               "fewstep.sampling.sample_seeds(S, 0, N)]` (float32; seed S=0 and one image: "
               "`torch.Generator().manual_seed(0)`).", ""]
+    lines += ["## Metrics", ""]
     if rows:
-        lines += ["## Metrics", "", "| model | solver | steps | metric | value |", "|---|---|---|---|---|"]
+        lines += ["| model | solver | steps | metric | value |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['solver']} | {r['steps']} | {r['metric']} | {r['value']:.4f} |" for r in rows]
-        lines.append("")
+    else:
+        lines.append("No quality table (fewstep has no built-in text-to-image metric; score samples with "
+                     "`fewstep eval fid` or `fewstep eval clip`).")
+    if run.get("train_seconds") is not None:
+        lines.append(f"Training: {run['train_seconds']} s.")
+    if run.get("losses"):
+        lines.append("Last logged losses (moving averages): " +
+                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(run["losses"].items())) + ".")
+    lines.append("")
     return "\n".join(lines)
 
 
-def export_pipeline(den, out: str | Path, rows: list[dict] | None = None) -> dict:
+def export_pipeline(den, out: str | Path, rows: list[dict] | None = None, run: dict | None = None) -> dict:
     """A complete diffusers pipeline folder with the student (LoRA merged) and its scheduler, plus README.md."""
     _require_diffusers_student(den, "diffusers")
     out = Path(out)
@@ -210,7 +221,7 @@ def export_pipeline(den, out: str | Path, rows: list[dict] | None = None) -> dic
     if base_dtype in (torch.float16, torch.bfloat16):
         model.to(base_dtype)
     new = _new_pipeline(pipe, **{name: model, "scheduler": sched})
-    card = model_card(den, info, "diffusers", rows or [], out)
+    card = model_card(den, info, "diffusers", rows or [], out, run)
 
     def write(staging: Path):
         new.save_pretrained(str(staging), safe_serialization=True)
@@ -220,7 +231,7 @@ def export_pipeline(den, out: str | Path, rows: list[dict] | None = None) -> dic
     return {"scheduler": info, "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}
 
 
-def export_lora(den, out: str | Path, rows: list[dict] | None = None) -> dict:
+def export_lora(den, out: str | Path, rows: list[dict] | None = None, run: dict | None = None) -> dict:
     """Diffusers LoRA weights (pytorch_lora_weights.safetensors) for `pipe.load_lora_weights`, the scheduler
     config in scheduler/, and README.md."""
     _require_diffusers_student(den, "lora")
@@ -232,7 +243,7 @@ def export_lora(den, out: str | Path, rows: list[dict] | None = None) -> dict:
     sched, info = scheduler_for(den)
     pipe = den.components.pipe
     key = "transformer_lora_layers" if den.net.arch == "sd3" else "unet_lora_layers"
-    card = model_card(den, info, "lora", rows or [], out)
+    card = model_card(den, info, "lora", rows or [], out, run)
 
     def write(staging: Path):
         type(pipe).save_lora_weights(str(staging), **{key: state}, safe_serialization=True)

@@ -87,6 +87,7 @@ def test_exported_pipeline_matches_fewstep_sample(tiny, method, student, options
             "README.md"} <= {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     card = (out / "README.md").read_text()
     assert f"`{method}`" in card and "LCMScheduler" in card and "guidance scale" in card
+    assert "teacher at CFG scale 2" in card and "student/loss" in card and "## Metrics" in card
 
     pipe = DiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
