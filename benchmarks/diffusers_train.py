@@ -90,13 +90,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--resolution", default=None, help="N or HxW (default: the pipeline's own)")
     p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="weights of the saved teacher pipeline")
+    p.add_argument("--save-dtype", default="bf16", choices=["fp32", "bf16"],
+                   help="dtype of the random pipeline on disk (diffusers loads the UNet/VAE as float32, transformers "
+                        "the text encoders as stored; the trainer decides the "
+                        "precision frozen weights run in)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny pipeline on the CPU, a few iterations")
     p.add_argument("--workdir", default=None, help="where the pipeline and runs go (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.warmup, args.mixed_precision, args.dtype = 1, "no", "fp32"
+        args.warmup, args.mixed_precision, args.save_dtype = 1, "no", "fp32"
         args.size, args.iters = "tiny", 4
         args.sweep = "lora4+ckpt,full"
         torch.set_num_threads(1)
@@ -108,20 +111,23 @@ def main(argv=None) -> int:
     variants = [parse_variant(v) for v in args.sweep.split(",") if v]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
         t0 = time.perf_counter()
         teacher = save_random_pipeline(args.arch, root / "teacher", size=args.size, dtype=dtype)
         build_s = time.perf_counter() - t0
         from fewstep.models.diffusers_pipeline import parse_resolution
 
         res = parse_resolution(args.resolution) or ((16, 16) if args.size == "tiny" else (1024, 1024))
-        captions = [f"random caption number {'abcdefgh'[i % 8]} {'xyz'[i % 3]}" for i in range(32)]
+        # the letter tokenizer spends one token per letter: tiny pipelines read 16 tokens, full ones 77
+        words = "abcdefgh" if args.size == "tiny" else ["a red cube", "the blue sea", "two cats", "the dark night"]
+        captions = [f"{words[i % len(words)]} {'xyz'[i % 3]}" for i in range(32)]
         data = save_caption_folder(root / "captions", captions=captions, size=res)
         rows = [run_one(args, v, teacher, data, root) for v in variants]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else platform.processor()
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke
+              else f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))")
     result = {"benchmark": "diffusers_train", "arch": args.arch, "size": args.size, "method": args.method,
               "batch_size": args.batch_size, "resolution": list(res), "mixed_precision": args.mixed_precision,
-              "teacher_dtype": args.dtype, "iters": args.iters, "warmup": args.warmup, "device": device,
+              "saved_dtype": args.save_dtype, "iters": args.iters, "warmup": args.warmup, "device": device,
               "torch": torch.__version__, "pipeline_build_s": round(build_s, 1), "rows": rows}
     head = f"{'variant':<18} {'s/iter':>8} {'peak GiB':>9} {'iters':>6} {'run s':>7}"
     print(f"{args.method} on a random {args.size} {args.arch} at {res[0]}x{res[1]}, batch {args.batch_size}, "
