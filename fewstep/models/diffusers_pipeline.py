@@ -42,6 +42,8 @@ def load_pipeline(source: str, *, dtype: torch.dtype | None = None, name: str | 
     from diffusers import DiffusionPipeline
 
     shown = f"{name!r} ({source})" if name and name != source else repr(source)
+    if not Path(name or source).exists():
+        shown += " (no local folder of that name exists either)"
     path = Path(source)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if path.exists():

@@ -516,9 +516,10 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
     if loaded is not None:
         loaded["teacher"] = teacher
     cfg = resolve(cfg, data_kind(teacher), explicit)
-    if cfg.lora_rank and not hasattr(teacher.net, "derive"):
-        raise FewstepError(f"--lora-rank needs a diffusers teacher (sd15, sdxl, sd3, a hub id or pipeline folder), "
-                           f"not {cfg.teacher!r}")
+    for flag, on in (("--lora-rank", cfg.lora_rank), ("--gradient-checkpointing", cfg.gradient_checkpointing)):
+        if on and not hasattr(teacher.net, "derive"):
+            raise FewstepError(f"{flag} needs a diffusers teacher (sd15, sdxl, sd3, a hub id or pipeline folder), "
+                               f"not {cfg.teacher!r}")
     make_optimizer(cfg.optimizer, [torch.zeros(1, requires_grad=True)], lr=1.0)  # bitsandbytes missing: fail now
     # bad method options fail here, before the run directory is made
     get_method(cfg.method)(teacher, build_method_config(cfg.method, cfg.options), guidance=cfg.guidance)

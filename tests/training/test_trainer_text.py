@@ -125,6 +125,8 @@ def test_runs_that_cannot_start_write_nothing(tiny, tmp_path):
     out = tmp_path / "x"
     with pytest.raises(FewstepError, match="--lora-rank needs a diffusers teacher"):
         distill(method="cd", teacher="toy:checkerboard", out=str(out), iters=1, lora_rank=4, **FAST)
+    with pytest.raises(FewstepError, match="--gradient-checkpointing needs a diffusers teacher"):
+        distill(method="cd", teacher="toy:checkerboard", out=str(out), iters=1, gradient_checkpointing=True, **FAST)
     with pytest.raises(FewstepError, match="trains on real images"):
         distill(method="cd", teacher=str(tiny["sdxl"]), prompts=str(tiny["prompts"]), out=str(out), iters=1, **FAST)
     with pytest.raises(FewstepError, match="multiple of 4"):
