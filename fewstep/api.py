@@ -11,9 +11,10 @@ from fewstep.errors import FewstepError
 from fewstep.outputs import ensure_new_path, load_samples, save_samples
 
 
-def load_model(spec: str | Path, device="cpu"):
-    """A Denoiser from a built-in teacher name, a model directory (config.json + model.safetensors), or a
-    distillation run directory (its student: the EMA weights when the run kept an EMA)."""
+def load_model(spec: str | Path, device="cpu", **teacher_options):
+    """A Denoiser from a built-in teacher name, a model directory (config.json + model.safetensors), a
+    diffusers pipeline (alias, hub id or folder; `teacher_options`: resolution, dtype), or a distillation
+    run directory (its student: the EMA weights when the run kept an EMA)."""
     from fewstep.teachers import load_teacher
 
     path = Path(str(spec))
@@ -23,7 +24,7 @@ def load_model(spec: str | Path, device="cpu"):
             raise FewstepError(f"run {str(path)!r} has no finished student yet (student/ is missing); "
                                f"continue it with `fewstep distill --resume --out {path}`")
         return load_teacher(student, device)
-    return load_teacher(spec, device)
+    return load_teacher(spec, device, **teacher_options)
 
 
 def _check_positive(name: str, value, minimum=1):
@@ -43,16 +44,22 @@ def sample(
     seed: int = 0,
     guidance: float | None = None,
     label: int | None = None,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     out: str | Path | None = None,
     progress=None,
     renoise: str | None = None,
+    prompt: str | None = None,
+    prompts: str | Path | list[str] | None = None,
 ) -> dict:
     """Generate `num` samples from a teacher or student and optionally write them to `out`.
 
     Sample i uses per-sample seed i of `seed`, so results do not depend on the batch size.
     Settings left as None come from the model (`fewstep.sampling.sampler_settings`): its default solver,
     steps, re-noise rule, guidance, and the time list it was trained on.
+    Text-to-image models take `prompt` (one for all samples) or `prompts` (a list or a prompt file; sample i
+    gets prompt i modulo their number; none: the empty prompt) and return decoded images in [-1, 1]; their
+    sample i equals a stock diffusers pipeline's image with ``generator=torch.Generator().manual_seed(s_i)``,
+    s_i = ``fewstep.sampling.sample_seeds(seed, 0, num)[i]``, at the same steps, guidance and prompt.
     Returns a JSON-able summary (and the tensors under the private keys "_samples", "_labels").
     """
     from fewstep.diffusion.timesteps import SPACINGS
@@ -69,10 +76,16 @@ def sample(
         raise FewstepError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
     if renoise is not None and renoise not in RENOISE:
         raise FewstepError(f"unknown renoise {renoise!r}; allowed: {', '.join(RENOISE)}")
+    if prompt is not None and prompts is not None:
+        raise FewstepError("give --prompt or --prompts, not both")
     if out is not None:
         ensure_new_path(out)
     den = load_model(model)
     meta = den.meta
+    text = den.cond_kind == "text" and den.components is not None
+    batch_size = batch_size or (8 if text else 1024)
+    if (prompt is not None or prompts is not None) and not text:
+        raise FewstepError(f"--prompt/--prompts need a text-to-image model; {model!r} is not")
     # the model's own defaults (e.g. a guidance-embedded student's training scale) for what was left out
     settings = sampler_settings(den, steps=steps, solver=solver, renoise=renoise, guidance=guidance, spacing=spacing)
     steps, solver, guidance, spacing = settings.steps, settings.solver, settings.guidance, settings.spacing
@@ -87,10 +100,19 @@ def sample(
         raise FewstepError(f"--guidance needs a conditional model; {model!r} is unconditional")
     if out is not None and den.data_shape is not None and len(den.data_shape) == 1 and Path(out).suffix != ".npz":
         raise FewstepError(f"2-D samples are written as .npz; got --out {str(out)!r} (use e.g. samples.npz)")
+    cond, prompt_list = None, None
+    if text:
+        prompt_list = _prompt_list(prompt, prompts)
+        unique = list(dict.fromkeys(prompt_list))
+        encoded = den.components.encode_prompts(unique)
+        rows = torch.tensor([unique.index(prompt_list[i % len(prompt_list)]) for i in range(num)])
+        cond = {k: v[rows] for k, v in encoded.items()}
     t0 = time.perf_counter()
     samples, used_labels = generate(den, num, timesteps=settings.timesteps, solver=solver, seed=seed,
-                                    batch_size=batch_size, labels=labels, guidance=guidance,
-                                    renoise=settings.renoise, progress=progress)
+                                    batch_size=batch_size, labels=labels, guidance=guidance, progress=progress,
+                                    cond=cond, renoise=settings.renoise)
+    if text:
+        samples = den.components.decode(samples)
     seconds = time.perf_counter() - t0
     result = {
         "model": str(model),
@@ -103,6 +125,7 @@ def sample(
         "seed": int(seed),
         "guidance": float(guidance),
         "label": label,
+        **({"prompts": prompt_list} if prompt_list is not None else {}),
         "seconds": round(seconds, 3),
         "samples_per_second": round(num / max(seconds, 1e-9), 1),
     }
@@ -111,6 +134,20 @@ def sample(
         result["outputs"] = saved["paths"]
     result["_samples"], result["_labels"] = samples, used_labels
     return result
+
+
+def _prompt_list(prompt, prompts) -> list[str]:
+    if prompt is not None:
+        return [str(prompt)]
+    if prompts is None:
+        return [""]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise FewstepError("the prompt list is empty")
+        return [str(p) for p in prompts]
+    from fewstep.data.prompts import read_prompt_rows
+
+    return [r.prompt for r in read_prompt_rows(prompts)]
 
 
 def evaluate_samples(metric: str | None, samples, *, ref: str | None = None) -> dict:
@@ -200,11 +237,41 @@ def distill(config=None, **kwargs) -> dict:
     return _distill(config, **kwargs)
 
 
-EXPORT_FORMATS = ("safetensors",)
+EXPORT_FORMATS = ("safetensors", "diffusers", "lora")
+
+
+def run_summary(run: str | Path, metrics: dict) -> dict:
+    """What a model card reports about the run that made a student: its CFG scale, training time and the last
+    logged (averaged) losses."""
+    import json
+
+    run = Path(run)
+    out: dict = {}
+    if (run / "config.yaml").is_file():
+        from fewstep.training.config import load_yaml
+
+        cfg = load_yaml(run / "config.yaml")
+        out.update({k: cfg.get(k) for k in ("guidance", "iters", "batch_size", "lr", "lora_rank", "resolution")})
+    if metrics.get("train_seconds") is not None:
+        out["train_seconds"] = metrics["train_seconds"]
+    if (run / "log.jsonl").is_file():
+        for line in reversed((run / "log.jsonl").read_text().splitlines()):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "losses_avg" in rec:
+                out["losses"] = rec["losses_avg"]
+                break
+    return out
 
 
 def export(run: str | Path, out: str | Path, *, format: str = "safetensors") -> dict:
-    """Write a run's student to the new directory `out` (model.safetensors + config.json + README.md)."""
+    """Write a run's student to the new directory `out`: fewstep's safetensors + config.json + README.md, a
+    complete diffusers pipeline folder (`diffusers`, students of diffusers teachers) or diffusers LoRA weights
+    (`lora`), each with a model card."""
+    import json
+
     from fewstep.models.io import CONFIG, WEIGHTS, save_denoiser
 
     if format not in EXPORT_FORMATS:
@@ -213,23 +280,27 @@ def export(run: str | Path, out: str | Path, *, format: str = "safetensors") -> 
         raise FewstepError(f"run {str(run)!r} not found")
     out = ensure_new_path(out, "--out")
     den = load_model(run)
+    metrics_path = Path(run) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    rows = metrics.get("table") or []
+    if format in ("diffusers", "lora"):
+        from fewstep.exporters import export_lora, export_pipeline
+
+        res = (export_pipeline if format == "diffusers" else export_lora)(den, out, rows, run_summary(run, metrics))
+        return {"run": str(run), "format": format, "out": str(out), "scheduler": res["scheduler"]["scheduler"],
+                "exact_steps": res["scheduler"]["exact_steps"], "files": [str(out / f) for f in res["files"]]}
     save_denoiser(den, out)
     meta = den.meta
-    metrics_path = Path(run) / "metrics.json"
     card = [f"# fewstep student ({meta.get('method', 'model')})", "",
             f"- distilled from: {meta.get('distilled_from', 'n/a')}",
             f"- method: {meta.get('method', 'n/a')}, iterations: {meta.get('iterations', 'n/a')}",
             f"- sampler: {meta.get('default_solver')} with {meta.get('default_steps')} step(s) by default, "
             f"guidance {meta.get('default_guidance', 1.0)}",
             f"- load: `fewstep sample --model {out} --steps 1`", ""]
-    if metrics_path.is_file():
-        import json
-
-        rows = json.loads(metrics_path.read_text()).get("table") or []
-        if rows:
-            card += ["| model | solver | steps | metric | value |", "|---|---|---|---|---|"]
-            card += [f"| {r['model']} | {r['solver']} | {r['steps']} | {r['metric']} | {r['value']:.4f} |"
-                     for r in rows]
+    if rows:
+        card += ["| model | solver | steps | metric | value |", "|---|---|---|---|---|"]
+        card += [f"| {r['model']} | {r['solver']} | {r['steps']} | {r['metric']} | {r['value']:.4f} |"
+                 for r in rows]
     from fewstep.fileio import atomic_write
 
     atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text("\n".join(card) + "\n"))

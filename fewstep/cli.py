@@ -173,8 +173,12 @@ def sample(
     guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (1 = none; default: the "
                                           "model's own, 1 for teachers)."),
     label: int | None = typer.Option(None, help="Class label for every sample (default: cycle classes)."),
-    batch_size: int = typer.Option(1024, help="Samples per network batch."),
+    batch_size: int | None = typer.Option(None, help="Samples per network batch (default 1024; 8 for text-to-image "
+                                          "models)."),
     out: Path | None = typer.Option(None, help="2-D: a new .npz file; images: a new directory (PNGs + grid.png)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Text-to-image models: the prompt of every sample."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="Text-to-image models: a prompt file (.txt one per "
+                                        "line, .jsonl, .csv); sample i gets prompt i modulo their number."),
     as_json: bool = JSON_OPT,
 ):
     """Draw samples from a teacher or student with the shared sampler engine."""
@@ -186,7 +190,7 @@ def sample(
     with progress_bar("sampling", num) as bar:
         result = api.sample(spec, num=num, steps=steps, solver=solver, spacing=spacing, seed=seed,
                             guidance=guidance, label=label, batch_size=batch_size, out=out, progress=bar.advance,
-                            renoise=renoise)
+                            renoise=renoise, prompt=prompt, prompts=prompts)
     emit(result, as_json, "fewstep sample")
 
 
@@ -316,6 +320,16 @@ def distill(
     eval_num: int | None = _opt(help="Samples per quality-table entry (default 4096 toys, 2000 digits)."),
     eval_steps: str | None = _opt(help="Student step counts in the table, comma-separated (default 1,2,4)."),
     stop_after: int | None = _opt(help="Stop after N iterations of this invocation (resume later)."),
+    prompts: str | None = _opt(help="Text-to-image teachers: prompt file (.txt one per line, .jsonl, .csv) or "
+                                    "image-caption folder; conditions are cached in RUN/cache."),
+    resolution: str | None = _opt(help="Diffusers teachers: N or HxW pixels (default: the pipeline's own)."),
+    lora_rank: int | None = _opt(help="Diffusers teachers: LoRA rank of the student and fake scores on the teacher's "
+                                      "shared weights; 0 = full fine-tuning (default: the recipe)."),
+    lora_alpha: float | None = _opt(help="LoRA alpha (default: the rank)."),
+    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                       help="Recompute activations of trained diffusers networks "
+                                                            "in the backward pass (less memory; default off)."),
+    optimizer: str | None = _opt(help="adamw | adamw8bit (bitsandbytes, if installed) (default adamw)."),
     opt: list[str] | None = typer.Option(None, "--opt", help="A method option KEY=VALUE (repeatable; see "
                                          "`fewstep methods`)."),
     as_json: bool = JSON_OPT,
@@ -330,7 +344,9 @@ def distill(
              "grad_clip": grad_clip, "grad_accum": grad_accum, "mixed_precision": mixed_precision, "ema": ema,
              "ema_decay": ema_decay, "ema_gamma": ema_gamma, "guidance": guidance, "seed": seed, "device": device,
              "log_every": log_every, "sample_every": sample_every, "checkpoint_every": checkpoint_every,
-             "keep_checkpoints": keep_checkpoints, "eval": eval, "eval_num": eval_num, "stop_after": stop_after}
+             "keep_checkpoints": keep_checkpoints, "eval": eval, "eval_num": eval_num, "stop_after": stop_after,
+             "prompts": prompts, "resolution": resolution, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+             "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer}
     if eval_steps is not None:
         try:
             flags["eval_steps"] = [int(s) for s in eval_steps.split(",") if s.strip()]
@@ -420,11 +436,13 @@ def methods(as_json: bool = JSON_OPT):
 @command
 def export(
     run: Path = typer.Argument(..., help="Run directory (or a model directory)."),
-    format: str = typer.Option("safetensors", "--format", help="Export format: safetensors."),
+    format: str = typer.Option("safetensors", "--format", help="safetensors (fewstep's own) | diffusers (a complete "
+                               "pipeline folder with a scheduler for the student's sampler) | lora (diffusers LoRA "
+                               "weights for pipe.load_lora_weights)."),
     out: Path = typer.Option(..., "--out", help="New output directory."),
     as_json: bool = JSON_OPT,
 ):
-    """Export a distilled student: weights + config that `fewstep sample --model DIR` loads."""
+    """Export a distilled student: fewstep weights + config, a diffusers pipeline, or LoRA weights (+ model card)."""
     from fewstep import api
 
     result = api.export(run, out, format=format)

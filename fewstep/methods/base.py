@@ -127,6 +127,9 @@ class DistillMethod:
         self.teacher = teacher
         self.config = config if config is not None else self.config_class()
         self.guidance = float(guidance)
+        # how students and fake scores are derived from a diffusers teacher (set by the trainer from the run's
+        # --lora-rank, --lora-alpha, --gradient-checkpointing; see `student_from_teacher`)
+        self.student_options: dict = {}
 
     # -- to implement -------------------------------------------------------------------------
     def networks(self) -> dict[str, Role]:  # pragma: no cover - abstract
@@ -166,12 +169,21 @@ class DistillMethod:
     # -- helpers ------------------------------------------------------------------------------
     def student_from_teacher(self, **network_overrides):
         """A trainable copy of the teacher (same network, process, prediction), optionally with extra
-        network inputs (e.g. guidance_embed=True); new parameters keep their own initialisation."""
+        network inputs (e.g. guidance_embed=True); new parameters keep their own initialisation.
+
+        Networks that derive their own students (diffusers teachers: `DiffusersNet.derive`) give a LoRA
+        adapter on the teacher's shared weights (`student_options["lora_rank"]`) or a full copy; call this
+        once per network a method trains (student, fake score): each gets its own adapter or copy.
+        """
         from fewstep.models.denoiser import Denoiser
         from fewstep.models.networks import build_network
 
         t = self.teacher
-        if not network_overrides:
+        if hasattr(t.net, "derive"):
+            net = t.net.derive(**{**self.student_options, **network_overrides})
+        elif self.student_options.get("lora_rank"):
+            raise FewstepError("--lora-rank needs a diffusers teacher (sd15, sdxl, sd3, a hub id or pipeline folder)")
+        elif not network_overrides:
             net = copy.deepcopy(t.net)
         else:
             if not hasattr(t.net, "config"):
@@ -184,6 +196,7 @@ class DistillMethod:
         student = Denoiser(net, t.process, t.prediction, cond_kind=t.cond_kind, num_classes=t.num_classes,
                            null_cond=t._null_cond, sigma_d=t.sigma_d, data_shape=t.data_shape,
                            meta=dict(t.meta), boundary=t.boundary)
+        student.components = t.components
         return student.requires_grad_(True).train()
 
 

@@ -228,7 +228,7 @@ class DistributionMatching(FakeScoreMethod):
         x = torch.zeros((1, *self.teacher.data_shape), device=device)
         t = torch.full((1,), float(self.gen_times[0]), device=device)
         cond = self.teacher.null_condition(1, device) if self.teacher.conditional else None
-        with torch.no_grad(), capture_features(feature_layer(fake_score.net)) as store:
+        with torch.no_grad(), capture_features(feature_layer(fake_score)) as store:
             fake_score(x, t, cond)
         return DiscriminatorHead(tuple(store["features"].shape[1:])).to(device)
 
@@ -297,10 +297,10 @@ class DistributionMatching(FakeScoreMethod):
 
     def gan_logits(self, nets, x: torch.Tensor, cond, ctx: StepContext) -> torch.Tensor:
         """The GAN head's logits on the fake score's features of x noised at t ~ U[t_min, t_max]."""
-        from fewstep.models.gan import capture_features, feature_layer, unwrap
+        from fewstep.models.gan import capture_features, feature_layer
 
         x_t, t, _ = self._noised(x.float(), ctx, self.config.t_min, self.config.t_max)
-        with capture_features(feature_layer(unwrap(nets["fake_score"]).net)) as store:
+        with capture_features(feature_layer(nets["fake_score"])) as store:
             nets["fake_score"](x_t, t, cond)
         return nets["discriminator"](store["features"]).float()
 

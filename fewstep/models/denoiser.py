@@ -79,6 +79,9 @@ class Denoiser(nn.Module):
         # Free-form description saved with the weights: data name, default metric, recommended
         # sampler settings, training command and metrics.
         self.meta = dict(meta or {})
+        # What a latent text-to-image model needs around its network (prompt encoder, VAE): a
+        # `fewstep.models.diffusers_pipeline.TextToImageParts`, shared by copies; None otherwise.
+        self.components = None
 
     # -- conditioning --------------------------------------------------------------------------
     @property

@@ -2,9 +2,9 @@
 
 DMD2's discriminator is a small classifier on the fake score's bottleneck features: the fake score
 sees a noised image (real or generated) at time t and its encoder features feed a few layers that
-output one logit. `feature_layer(net)` names the layer to read (the built-in networks say so with a
-`feature_layer()` method; diffusers UNets use their `mid_block`, transformers their middle block), and
-`capture_features` runs a forward pass and returns that layer's output.
+output one logit. `feature_layer(model)` names the layer to read (networks say so with a `bottleneck()`
+method: the built-in ones and the diffusers adapters), and `capture_features` records that layer's output
+during a forward pass.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def feature_layer(network: nn.Module) -> nn.Module:
-    """The layer of a network whose output the GAN head reads (its bottleneck)."""
-    network = unwrap(network)
-    if hasattr(network, "feature_layer"):
-        return network.feature_layer()
+def feature_layer(model: nn.Module) -> nn.Module:
+    """The layer whose output the GAN head reads (the bottleneck) of a network, or of a Denoiser's network
+    (DDP-style wrappers are looked through): its `bottleneck()` (built-in networks, diffusers adapters), else a
+    diffusers UNet's `mid_block` or a DiT's middle transformer block."""
+    model = unwrap(model)
+    network = getattr(model, "net", model)
+    if hasattr(network, "bottleneck"):
+        return network.bottleneck()
     for name in ("mid_block", "middle_block"):  # diffusers UNets
         layer = getattr(network, name, None)
         if isinstance(layer, nn.Module):
@@ -36,18 +39,19 @@ def feature_layer(network: nn.Module) -> nn.Module:
     blocks = getattr(network, "transformer_blocks", None)  # diffusers DiTs: the middle block
     if isinstance(blocks, nn.ModuleList) and len(blocks):
         return blocks[len(blocks) // 2]
-    raise FewstepError(f"cannot find the feature layer of a {type(network).__name__} for the GAN head: give the "
-                       "network a feature_layer() method that returns the module to read")
+    raise FewstepError(f"cannot find the bottleneck of a {type(network).__name__} for the GAN head: give the "
+                       "network a bottleneck() method that returns the module to read")
 
 
 @contextlib.contextmanager
 def capture_features(layer: nn.Module):
-    """Within the block, every forward pass through the model stores `layer`'s output in the yielded dict
-    under "features" (the first tensor when the layer returns a tuple)."""
+    """Within the block, every forward pass through `layer` stores its output in the yielded dict under
+    "features" (a layer that returns a tuple, like an SD3 joint block (text, image), gives its last entry).
+    Gradients flow through the stored tensor."""
     store: dict = {}
 
     def hook(module, inputs, output):
-        store["features"] = output[0] if isinstance(output, (tuple, list)) else output
+        store["features"] = output[-1] if isinstance(output, (tuple, list)) else output
 
     handle = layer.register_forward_hook(hook)
     try:

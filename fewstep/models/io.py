@@ -27,7 +27,8 @@ def save_denoiser(denoiser: Denoiser, directory: str | Path, weights: dict[str, 
     from safetensors.torch import save_file
 
     if not hasattr(denoiser.net, "config"):
-        raise FewstepError("only networks with a config() method (fewstep.models.MLPNet/UNetNet) can be saved")
+        raise FewstepError("only networks with a config() method (fewstep.models.MLPNet/UNetNet, diffusers nets) "
+                           "can be saved")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = weights if weights is not None else denoiser.net.state_dict()
@@ -66,6 +67,10 @@ def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> 
 
     directory = Path(directory)
     cfg = read_config(directory)
+    if cfg["network"].get("type") == "diffusers":  # a student of a diffusers teacher: weights over its pipeline
+        from fewstep.models.diffusers_pipeline import load_diffusers_denoiser
+
+        return load_diffusers_denoiser(directory, cfg, device)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FewstepError(f"{str(weights)!r} not found")

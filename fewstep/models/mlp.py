@@ -44,7 +44,7 @@ class MLPNet(nn.Module):
             h = blk(h, emb)
         return self.out(torch.nn.functional.silu(self.out_norm(h)))
 
-    def feature_layer(self) -> nn.Module:
+    def bottleneck(self) -> nn.Module:
         """The layer whose output GAN heads read (DMD2): the last residual block."""
         return self.blocks[-1]
 

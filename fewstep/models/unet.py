@@ -111,7 +111,7 @@ class UNetNet(nn.Module):
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def feature_layer(self) -> nn.Module:
+    def bottleneck(self) -> nn.Module:
         """The layer whose output GAN heads read (DMD2): the bottleneck, after the middle attention."""
         return self.mid2
 

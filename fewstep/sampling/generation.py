@@ -7,7 +7,13 @@ import itertools
 import torch
 
 from fewstep.errors import FewstepError
-from fewstep.sampling.seeds import noise_for_seeds, sample_seeds
+from fewstep.sampling.seeds import (
+    NOISE_STREAMS,
+    noise_for_seeds,
+    noise_from_generators,
+    sample_generators,
+    sample_seeds,
+)
 from fewstep.sampling.solvers import check_renoise, check_solver, resolve_timesteps, sample
 
 
@@ -45,6 +51,8 @@ def generate(
     guidance=1.0,
     renoise: str = "fresh",
     progress=None,
+    cond=None,
+    noise_stream: str | None = None,
 ):
     """`num` samples and their labels (or None), drawn batch by batch.
 
@@ -52,7 +60,9 @@ def generate(
     same per-sample streams), so the output does not depend on `batch_size`. For a class-conditional
     denoiser without `labels`, sample i gets label i % num_classes. `guidance` is a float or a (num,)
     tensor. `progress(n)` is called after each batch with the number of samples it made. Samples come
-    back on the CPU in at least float32.
+    back on the CPU in at least float32. `cond`: per-sample conditions other than labels (a tensor or a
+    dict of tensors with `num` rows, e.g. text embeddings). `noise_stream`: "hashed" or "sequential"
+    (see fewstep.sampling.seeds; default: the model's meta["noise_stream"], else hashed).
     """
     check_solver(solver)
     check_renoise(renoise)
@@ -68,6 +78,15 @@ def generate(
         labels = torch.as_tensor(labels)
         if labels.shape[0] != num:
             raise FewstepError(f"got {labels.shape[0]} labels for {num} samples")
+    if cond is not None and labels is not None:
+        raise FewstepError("give labels or cond, not both")
+    if cond is not None:
+        rows = next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
+        if rows != num:
+            raise FewstepError(f"got conditions for {rows} samples, need {num}")
+    stream = noise_stream or denoiser.meta.get("noise_stream", "hashed")
+    if stream not in NOISE_STREAMS:
+        raise FewstepError(f"unknown noise stream {stream!r}; allowed: {', '.join(NOISE_STREAMS)}")
     per_sample_guidance = isinstance(guidance, torch.Tensor) and guidance.ndim == 1
     if per_sample_guidance and guidance.shape[0] != num:
         raise FewstepError(f"got {guidance.shape[0]} guidance scales for {num} samples")
@@ -79,10 +98,17 @@ def generate(
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
             seeds = sample_seeds(seed, start, count)
-            noise = noise_for_seeds(seeds, denoiser.data_shape, dtype=dtype, device=device)
-            cond = labels[start:start + count].to(device) if labels is not None else None
+            if stream == "sequential":
+                seeds = sample_generators(seeds)
+                noise = noise_from_generators(seeds, denoiser.data_shape, dtype=dtype, device=device)
+            else:
+                noise = noise_for_seeds(seeds, denoiser.data_shape, dtype=dtype, device=device)
+            if cond is not None:
+                c = _rows(cond, start, count, device)
+            else:
+                c = labels[start:start + count].to(device) if labels is not None else None
             w = guidance[start:start + count].to(device) if per_sample_guidance else guidance
-            x = sample(denoiser, noise, timesteps=timesteps, solver=solver, cond=cond, guidance=w,
+            x = sample(denoiser, noise, timesteps=timesteps, solver=solver, cond=c, guidance=w,
                        renoise=renoise, seeds=seeds)
             out.append(x.to(torch.promote_types(x.dtype, torch.float32)).cpu())
             if progress is not None:
@@ -91,3 +117,9 @@ def generate(
         denoiser.train(was_training)
     samples = torch.cat(out) if out else torch.empty((0, *denoiser.data_shape))
     return samples, labels
+
+
+def _rows(cond, start: int, count: int, device):
+    if isinstance(cond, dict):
+        return {k: v[start:start + count].to(device) for k, v in cond.items()}
+    return cond[start:start + count].to(device)

@@ -4,6 +4,11 @@ Every sample owns a seed (``sample_seeds``); its initial noise comes from a torc
 with it, and the fresh noise a few-step sampler adds at step k from a generator seeded with a hash
 of (seed, k). Noise is drawn in float32 on the CPU, then moved and cast, so a sample is also the
 same whatever the device and dtype it is computed in (up to that dtype's rounding).
+
+Diffusers teachers and their students use the "sequential" stream instead: sample i owns one CPU
+generator seeded with its seed and draws its initial noise and then each step's fresh noise from it
+in turn, which is what a stock diffusers pipeline does when called with
+``generator=[torch.Generator().manual_seed(s) for s in seeds]`` (LCMScheduler, stochastic FlowMatch).
 """
 
 from __future__ import annotations
@@ -42,6 +47,23 @@ def _draw(seeds, shape, dtype, device) -> torch.Tensor:
 def noise_for_seeds(seeds, shape, dtype=torch.float32, device=None) -> torch.Tensor:
     """Unit Gaussian noise of shape (len(seeds), *shape); row i comes from its own generator seeded seeds[i]."""
     return _draw(seeds, shape, dtype, device)
+
+
+NOISE_STREAMS = ("hashed", "sequential")
+
+
+def sample_generators(seeds) -> list[torch.Generator]:
+    """One CPU generator per sample seed, for the "sequential" noise stream."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def noise_from_generators(generators, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The next unit Gaussian draw of shape `shape` from each generator (row i from generators[i]), in float32
+    on the CPU then cast: the rows a diffusers pipeline draws with `randn_tensor` and a list of generators."""
+    shape = tuple(int(d) for d in shape)
+    rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+    out = torch.stack(rows) if rows else torch.empty((0, *shape))
+    return out.to(device=device, dtype=dtype)
 
 
 def renoise_for_seeds(seeds, step: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from fewstep.diffusion.processes import NoiseProcess, as_time
 from fewstep.diffusion.timesteps import sampling_timesteps
 from fewstep.errors import FewstepError
-from fewstep.sampling.seeds import renoise_for_seeds
+from fewstep.sampling.seeds import noise_from_generators, renoise_for_seeds
 
 ODE_SOLVERS = ("euler", "heun", "dpm++2m")
 SOLVERS = ODE_SOLVERS + ("fewstep",)
@@ -261,8 +261,9 @@ def sample_fewstep(
     """Few-step student sampling: x0 = D(x_{t_i}, t_i), then x_{t_{i+1}} = alpha x0 + sigma z.
 
     renoise="fresh": z is new Gaussian noise (multistep consistency sampling, Song et al. 2023),
-    drawn per sample from `seeds` when given (so a sample does not depend on its batch), else from
-    the global generator; "deterministic": z = (x_{t_i} - alpha_i x0) / sigma_i, the eps implied by
+    drawn per sample from `seeds` when given (so a sample does not depend on its batch; integer seeds
+    give the hashed per-step streams, torch.Generators are drawn from in turn), else from the global
+    generator; "deterministic": z = (x_{t_i} - alpha_i x0) / sigma_i, the eps implied by
     the current prediction (DDIM, Song et al. 2021, the same path as the Euler solver). The output
     is the last x0.
     """
@@ -284,7 +285,9 @@ def sample_fewstep(
             x = x0
             break
         if renoise == "fresh":
-            if seeds is not None:
+            if seeds is not None and len(seeds) and isinstance(seeds[0], torch.Generator):
+                z = noise_from_generators(seeds, x.shape[1:], dtype=x.dtype, device=x.device)
+            elif seeds is not None:
                 z = renoise_for_seeds(seeds, i + 1, x.shape[1:], dtype=x.dtype, device=x.device)
             else:
                 z = torch.randn_like(x)

@@ -1,4 +1,5 @@
-"""Teacher registry: built-in names (shipped in fewstep/assets/teachers) or a model directory."""
+"""Teacher registry: built-in names (shipped in fewstep/assets/teachers), a model directory, or a diffusers
+pipeline (alias such as `sdxl`, hub id, or local pipeline folder; see fewstep.teachers.diffusers)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,19 @@ def teacher_path(name: str) -> Path:
     return ASSETS / name.replace(":", "_")
 
 
-def load_teacher(spec: str | Path, device="cpu") -> Denoiser:
-    """A built-in teacher by name, or a directory holding config.json + model.safetensors."""
+def load_teacher(spec: str | Path, device="cpu", *, resolution=None, dtype=None) -> Denoiser:
+    """A built-in teacher by name, a directory holding config.json + model.safetensors, or a diffusers
+    text-to-image pipeline (alias, hub id or folder with model_index.json) at `resolution` (N or HxW pixels;
+    default: the pipeline's own) with its weights in `dtype` (default: as stored, float32 for most)."""
+    from fewstep.teachers.diffusers import DIFFUSERS_ALIASES, diffusers_source, load_diffusers_teacher
+
     spec_s = str(spec)
     name = canonical_teacher_name(spec_s)
+    source = diffusers_source(spec_s) if name not in BUILTIN_TEACHERS else None
+    if source is not None:
+        return load_diffusers_teacher(spec_s, device, resolution=resolution, dtype=dtype)
+    if resolution is not None:
+        raise FewstepError(f"--resolution applies to diffusers teachers only, not to {spec_s!r}")
     if name in BUILTIN_TEACHERS:
         path = teacher_path(name)
         if not (path / WEIGHTS).is_file():
@@ -39,7 +49,8 @@ def load_teacher(spec: str | Path, device="cpu") -> Denoiser:
     path = Path(spec_s)
     if path.is_dir() and (path / CONFIG).is_file():
         return load_denoiser(path, device)
-    raise FewstepError(f"unknown teacher {spec_s!r}; built-in: {', '.join(BUILTIN_TEACHERS)}; "
+    raise FewstepError(f"unknown teacher {spec_s!r}; built-in: {', '.join(BUILTIN_TEACHERS)}; diffusers: "
+                       f"{', '.join(DIFFUSERS_ALIASES)}, a hub id (org/name) or a folder with model_index.json; "
                        f"or a directory with {CONFIG} and {WEIGHTS}")
 
 

@@ -48,12 +48,14 @@ def distill(config: str | Path | dict | DistillConfig | None = None, *, resume: 
         AcceleratorState._reset_state(reset_partial_state=True)
     # on CPU, several processes (accelerate launch / torchrun) only form a group with cpu=True
     state = PartialState(cpu=cpu)
-    cfg = prepare_run(values, explicit=explicit, resume=resume, check_out=state.is_main_process)
+    loaded: dict = {}
+    cfg = prepare_run(values, explicit=explicit, resume=resume, check_out=state.is_main_process, loaded=loaded)
     if state.num_processes > 1:  # every rank writes to rank 0's run directory (its default name has a time)
         from accelerate.utils import broadcast_object_list
 
         cfg = dataclasses.replace(cfg, out=broadcast_object_list([cfg.out])[0])
-    trainer = Trainer(cfg, resume=resume, progress=progress, teacher=teacher_model, status=status)
+    trainer = Trainer(cfg, resume=resume, progress=progress, teacher=teacher_model or loaded.pop("teacher", None),
+                      status=status, reloadable_teacher=teacher_model is None)
     if not resume and state.is_main_process:  # only once the run is known to start: a failure writes nothing
         write_config(cfg)
     state.wait_for_everyone()

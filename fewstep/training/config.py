@@ -16,6 +16,7 @@ EMA_TYPES = ("none", "fixed", "power")
 PRECISIONS = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -47,6 +48,13 @@ class DistillConfig:
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     stop_after: int | None = None  # stop (with a checkpoint) after this many iterations of this invocation
     options: dict = field(default_factory=dict)  # the method's own hyperparameters (`--opt KEY=VALUE`)
+    # text-to-image (diffusers) teachers
+    prompts: str | None = None  # prompt file (.txt one per line, .jsonl, .csv) or image-caption folder
+    resolution: str | None = None  # N or HxW pixels (default: the pipeline's own)
+    lora_rank: int | None = None  # LoRA rank of students and fake scores on the teacher's shared weights (0 = full)
+    lora_alpha: float | None = None  # LoRA alpha (default: the rank)
+    gradient_checkpointing: bool = False  # recompute activations of trained diffusers networks in the backward pass
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW, when installed)
 
 
 # (method, data kind) -> defaults for the run and the method's options; tuned on the built-in teachers
@@ -60,6 +68,11 @@ RECIPES: dict[tuple[str, str], dict] = {
                        "options": {"pair_num": 20000}},
     ("reflow", "image"): {"iters": 1000, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999,
                           "options": {"pair_num": 10000, "pair_steps": 32}},
+    # diffusers text-to-image teachers: starting points from the papers (LCM-LoRA: rank 64, lr 1e-4; the student
+    # learns the teacher at a fixed CFG scale, without a guidance input, so the LoRA file is all it needs)
+    ("cd", "text2image"): {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64},
+    ("lcm", "text2image"): {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64,
+                            "guidance": 7.5, "options": {"guidance_embed": False}},
 }
 FALLBACK = {"iters": 1000, "batch_size": 64, "lr": 1e-4}
 
@@ -135,6 +148,14 @@ def validate(cfg: DistillConfig) -> None:
     need(all(isinstance(s, int) and s >= 1 for s in cfg.eval_steps), f"--eval-steps must be integers >= 1, "
                                                                       f"got {cfg.eval_steps}")
     need(isinstance(cfg.options, dict), "options must be a mapping of the method's hyperparameters")
+    need(cfg.lora_rank is None or (isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0),
+         f"--lora-rank must be an integer >= 0 (0 = full fine-tuning), got {cfg.lora_rank!r}")
+    need(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
+    need(cfg.optimizer in OPTIMIZERS, f"unknown --optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    if cfg.resolution is not None:
+        from fewstep.models.diffusers_pipeline import parse_resolution
+
+        parse_resolution(cfg.resolution)
 
 
 def resolve(cfg: DistillConfig, data_kind: str, explicit: set[str]) -> DistillConfig:

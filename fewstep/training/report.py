@@ -7,12 +7,15 @@ from pathlib import Path
 
 from fewstep.fileio import atomic_write
 
-DEFAULT_EVAL_NUM = {"2d": 4096, "image": 2000}
+DEFAULT_EVAL_NUM = {"2d": 4096, "image": 2000, "text2image": 16}
 
 
 def data_kind(denoiser) -> str:
-    """"2d" for point data (shape (D,)), "image" otherwise (recipes and defaults are chosen by it)."""
+    """"2d" for point data (shape (D,)), "text2image" for text-conditioned latent models (diffusers teachers),
+    "image" otherwise (recipes and defaults are chosen by it)."""
     shape = denoiser.data_shape
+    if getattr(denoiser, "cond_kind", None) == "text" and getattr(denoiser, "components", None) is not None:
+        return "text2image"
     return "2d" if shape is not None and len(shape) == 1 else "image"
 
 
@@ -22,17 +25,26 @@ EVAL_SEED = 0
 SECONDARY_METRICS = {"toy:gaussians8": "coverage", "digits": "class-coverage"}
 
 
-def save_sample_grid(denoiser, path: Path, steps: int = 1, num: int | None = None) -> Path:
-    """A PNG of the model's samples: an image grid (64 images) or a 2-D scatter plot (4096 points)."""
+def save_sample_grid(denoiser, path: Path, steps: int = 1, num: int | None = None, cond=None) -> Path:
+    """A PNG of the model's samples: an image grid (64 images; 16 decoded images for text-to-image models, with
+    `cond` the conditions of each, else the empty prompt) or a 2-D scatter plot (4096 points)."""
     from fewstep.outputs import image_grid, scatter_png
     from fewstep.sampling import generate, sampler_settings
 
-    two_d = data_kind(denoiser) == "2d"
-    num = num or (4096 if two_d else 64)
+    kind = data_kind(denoiser)
+    two_d = kind == "2d"
+    if cond is not None:
+        num = next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
+    num = num or (4096 if two_d else 16 if kind == "text2image" else 64)
+    if kind == "text2image" and cond is None:
+        cond = denoiser.components.encode_prompts([""] * num)
     s = sampler_settings(denoiser, steps=steps, solver=denoiser.meta.get("default_solver", "fewstep"))
     x, _ = generate(denoiser, num, timesteps=s.timesteps, solver=s.solver, seed=GRID_SEED, batch_size=1024,
-                    renoise=s.renoise, guidance=s.guidance)
-    im = scatter_png(x) if two_d else image_grid(x, nrow=8, scale=max(1, 128 // x.shape[-1]))
+                    renoise=s.renoise, guidance=s.guidance, cond=cond)
+    if kind == "text2image":
+        x = denoiser.components.decode(x)
+    im = scatter_png(x) if two_d else image_grid(x, nrow=8 if x.shape[0] >= 8 else x.shape[0],
+                                                 scale=max(1, 128 // x.shape[-1]))
     return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 

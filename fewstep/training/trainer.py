@@ -84,7 +84,8 @@ def _make_accelerator(cfg: DistillConfig):
 class Trainer:
     """Build a run from a resolved DistillConfig (or resume one) and train it."""
 
-    def __init__(self, cfg: DistillConfig, *, teacher=None, resume: bool = False, progress=None, status=None):
+    def __init__(self, cfg: DistillConfig, *, teacher=None, resume: bool = False, progress=None, status=None,
+                 reloadable_teacher: bool = False):
         from fewstep.api import load_model
 
         self.cfg = cfg
@@ -93,12 +94,16 @@ class Trainer:
         self.accelerator = acc = _make_accelerator(cfg)
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.teacher_given = teacher is not None
-        self.teacher = teacher if teacher is not None else load_model(cfg.teacher)
+        # a teacher handed in by the caller cannot be reloaded by name for the final table (see _cast_frozen)
+        self.teacher_given = teacher is not None and not reloadable_teacher
+        self.teacher = teacher if teacher is not None else load_model(cfg.teacher, **teacher_options(cfg))
         self.teacher.to(self.device).requires_grad_(False).eval()
+        if self.teacher.components is not None:  # text encoders and VAE (text-to-image teachers)
+            self.teacher.components.to(self.device)
         self.out = Path(cfg.out)
         self.method = get_method(cfg.method)(self.teacher, build_method_config(cfg.method, cfg.options),
                                              guidance=cfg.guidance)
+        self.method.student_options = student_options(cfg)
         self.phases = self.method.phases()
         self.data_name = cfg.data or self.teacher.meta.get("data")
         self.source = self._data_source()
@@ -123,8 +128,8 @@ class Trainer:
             role.module.to(self.device)
             if role.trainable:
                 role.module.train()
-                opt = torch.optim.AdamW(self.trained_params[name], lr=self._base_lr(name), betas=tuple(role.betas),
-                                        weight_decay=role.weight_decay, foreach=True)
+                opt = make_optimizer(cfg.optimizer, self.trained_params[name], lr=self._base_lr(name),
+                                     betas=tuple(role.betas), weight_decay=role.weight_decay)
                 self.nets[name], self.opts[name] = acc.prepare(role.module, opt)
             else:
                 if not role.ema_of:
@@ -176,6 +181,11 @@ class Trainer:
         from fewstep.data import get_data
 
         needs = self.method.needs_data
+        if self.teacher.cond_kind == "text":  # prompts (and image-caption pairs): conditions cached on disk
+            from fewstep.data.prompts import text_condition_source
+
+            return text_condition_source(self.teacher.components, prompts=self.cfg.prompts, data=self.cfg.data,
+                                         need_images=needs, cache_dir=self.out / "cache", method=self.cfg.method)
         if not needs and self.teacher.cond_kind != "class":
             return None
         if self.data_name is None:
@@ -191,6 +201,9 @@ class Trainer:
 
     def _batch(self) -> Batch:
         b = int(self.cfg.batch_size)
+        if getattr(self.source, "yields_conditions", False):  # a source of (x0 or None, conditions)
+            x0, cond = self.source.sample(b, self.gen)
+            return Batch(size=b, cond=_to_device(cond, self.device), x0=x0.to(self.device) if x0 is not None else None)
         x0 = labels = None
         if self.source is not None:
             x0, labels = self.source.sample(b, self.gen)
@@ -306,8 +319,25 @@ class Trainer:
         with self._stop_on_signal():
             return self._train()
 
+    def _prepare_source(self) -> None:
+        """Caches of a conditions source (text embeddings, latents): the main process computes them first."""
+        if hasattr(self.source, "prepare"):
+            acc = self.accelerator
+            if acc.is_main_process:
+                self.source.prepare(compute=True)
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                self.source.prepare(compute=False)
+            parts = self.teacher.components
+            if parts is not None and hasattr(parts, "offload_text_encoders"):
+                parts.offload_text_encoders()  # conditions are cached: the encoders leave the accelerator
+
+    def _grid_cond(self):
+        return self.source.grid_conditions(16) if getattr(self.source, "yields_conditions", False) else None
+
     def _train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
+        self._prepare_source()
         total = int(cfg.iters)
         stop_at = total if cfg.stop_after is None else min(total, self.iteration + cfg.stop_after)
         t_start = time.perf_counter()
@@ -339,7 +369,8 @@ class Trainer:
                            "losses_avg": {k: round(v, 6) for k, v in self.loss_avg.items()},
                            "it_per_s": round(rate, 3), "elapsed_s": round(self.elapsed + now - t_start, 2)})
             if cfg.sample_every and self.iteration % cfg.sample_every == 0 and acc.is_main_process:
-                save_sample_grid(self.sampling_model(), self.out / SAMPLES / f"step_{self.iteration:08d}.png")
+                save_sample_grid(self.sampling_model(), self.out / SAMPLES / f"step_{self.iteration:08d}.png",
+                                 cond=self._grid_cond())
             if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                 self.elapsed += time.perf_counter() - t_start
                 t_start, it_start = time.perf_counter(), self.iteration
@@ -480,11 +511,11 @@ class Trainer:
             online.meta.update(self._student_meta())
             save_denoiser(online, self.out / STUDENT_ONLINE)
         for steps in cfg.eval_steps:
-            save_sample_grid(model, self.out / SAMPLES / f"final_{steps}step.png", steps=steps)
+            save_sample_grid(model, self.out / SAMPLES / f"final_{steps}step.png", steps=steps, cond=self._grid_cond())
         result["student"] = str(self.out / STUDENT)
         rows = []
         data = self.data_name or self.teacher.meta.get("data")
-        if cfg.eval and data is not None:
+        if cfg.eval and data is not None and data_kind(self.teacher) != "text2image":  # no built-in text metric
             num = cfg.eval_num or DEFAULT_EVAL_NUM[data_kind(self.teacher)]
             spec = cfg.teacher if not Path(cfg.teacher).exists() else None
             t0 = time.perf_counter()
@@ -492,7 +523,8 @@ class Trainer:
             if self.teacher_cast:  # the table scores the teacher in full precision, not its bf16 training copy
                 from fewstep.api import load_model
 
-                teacher = self._teacher_fp32 if self.teacher_given else load_model(cfg.teacher)
+                teacher = (self._teacher_fp32 if self.teacher_given
+                           else load_model(cfg.teacher, **teacher_options(cfg)))
                 teacher.to(self.device).eval()
             rows = quality_table(teacher, model, data, num=num, student_steps=tuple(cfg.eval_steps),
                                  teacher_spec=spec, guidance=cfg.guidance, progress=progress_eval)
@@ -508,11 +540,13 @@ class Trainer:
         return result
 
 
-def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check_out: bool = True) -> DistillConfig:
+def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check_out: bool = True,
+                loaded: dict | None = None) -> DistillConfig:
     """Resolve a config dict (defaults < recipe < YAML/flags) and set up the run directory.
 
     New run: `out` must not exist or be empty; config.yaml is written. Resume: `out` must hold a run;
-    its config.yaml is used, with only RESUME_OVERRIDABLE fields taken from `values`.
+    its config.yaml is used, with only RESUME_OVERRIDABLE fields taken from `values`. `loaded` (a dict) receives
+    the teacher loaded for the checks under "teacher", so the trainer need not load it again.
     """
     from fewstep.api import load_model
     from fewstep.outputs import ensure_new_path
@@ -546,8 +580,15 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
         ckpt.remove_partial_checkpoints(out)
         return cfg
     cfg = make_config(values)
-    teacher = load_model(cfg.teacher)
+    teacher = load_model(cfg.teacher, **teacher_options(cfg))
+    if loaded is not None:
+        loaded["teacher"] = teacher
     cfg = resolve(cfg, data_kind(teacher), explicit)
+    for flag, on in (("--lora-rank", cfg.lora_rank), ("--gradient-checkpointing", cfg.gradient_checkpointing)):
+        if on and not hasattr(teacher.net, "derive"):
+            raise FewstepError(f"{flag} needs a diffusers teacher (sd15, sdxl, sd3, a hub id or pipeline folder), "
+                               f"not {cfg.teacher!r}")
+    make_optimizer(cfg.optimizer, [torch.zeros(1, requires_grad=True)], lr=1.0)  # bitsandbytes missing: fail now
     # bad method options fail here, before the run directory is made
     get_method(cfg.method)(teacher, build_method_config(cfg.method, cfg.options), guidance=cfg.guidance)
     if cfg.out is None:
@@ -555,6 +596,46 @@ def prepare_run(values: dict, *, explicit: set[str], resume: bool = False, check
     if check_out:  # only the main process checks: the others may already see the directory it made
         ensure_new_path(cfg.out, "--out")
     return cfg
+
+
+def teacher_options(cfg: DistillConfig) -> dict:
+    """Options for loading the teacher (diffusers teachers: the run's resolution)."""
+    return {"resolution": cfg.resolution} if cfg.resolution is not None else {}
+
+
+def student_options(cfg: DistillConfig) -> dict:
+    """How methods derive students and fake scores from a diffusers teacher (`DistillMethod.student_options`)."""
+    out = {}
+    if cfg.lora_rank:
+        out["lora_rank"] = int(cfg.lora_rank)
+        if cfg.lora_alpha:
+            out["lora_alpha"] = float(cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        out["gradient_checkpointing"] = True
+    return out
+
+
+def make_optimizer(kind: str, params, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0):
+    """AdamW (Loshchilov & Hutter 2019), or bitsandbytes' AdamW8bit (block-wise 8-bit moments, Dettmers et al.
+    2022) when `kind` is "adamw8bit" and bitsandbytes is installed."""
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise FewstepError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
+                               "bitsandbytes), or use --optimizer adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if kind != "adamw":
+        raise FewstepError(f"unknown --optimizer {kind!r}; allowed: adamw, adamw8bit")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
+
+
+def _to_device(cond, device):
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v.to(device) for k, v in cond.items()}
+    return cond.to(device)
 
 
 def write_config(cfg: DistillConfig) -> None:

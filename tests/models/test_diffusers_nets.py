@@ -1,0 +1,231 @@
+"""Diffusers networks as fewstep Denoisers (tiny random SDXL, SD2-v and SD3 pipelines built from configs):
+the process/prediction conventions against the stock pipelines' own samplers, LoRA students on shared
+weights, full copies, the guidance input, merging for export, bottleneck features."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fewstep.models.diffusers_nets import (
+    LoraDiffusersNet,
+    guidance_scale_embedding,
+    share_weights_copy,
+)
+from fewstep.models.gan import DiscriminatorHead, capture_features, feature_layer
+from fewstep.sampling import generate, sample_seeds
+from fewstep.teachers import load_teacher
+from fewstep.teachers.random_pipelines import save_random_pipeline
+
+PROMPTS = ["a cat", "the red thing", ""]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: threads only add synchronisation on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {arch: save_random_pipeline(arch, root / arch) for arch in ("sdxl", "sd2-v", "sd3")}
+
+
+@pytest.fixture(scope="module")
+def sdxl(pipelines):
+    return load_teacher(pipelines["sdxl"])
+
+
+def _inputs(den, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *den.data_shape, generator=g)
+    t = torch.tensor([999.0, 500.0, 20.0])[:n] if den.process.name == "vp" else torch.tensor([1.0, 0.5, 0.05])[:n]
+    return x, t, den.components.encode_prompts(PROMPTS[:n])
+
+
+def test_sdxl_adapter_is_the_unet_call(sdxl):
+    x, t, cond = _inputs(sdxl)
+    assert set(cond) == {"prompt_embeds", "text_embeds", "time_ids"}
+    assert cond["time_ids"][0].tolist() == [16, 16, 0, 0, 16, 16]
+    unet = sdxl.components.pipe.unet
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=cond["prompt_embeds"],
+                   added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}).sample
+        torch.testing.assert_close(sdxl.raw(x, t, cond), ref, rtol=0, atol=0)
+    assert sdxl.prediction == "eps" and sdxl.process.config()["beta_schedule"] == "scaled_linear"
+    assert sdxl.data_shape == (4, 8, 8) and sdxl.cond_kind == "text"
+    # SDXL's force_zeros_for_empty_prompt: the null condition is zeros (with the same micro-conditioning)
+    null = sdxl.null_condition(2)
+    assert float(null["prompt_embeds"].abs().sum()) == 0 and null["time_ids"].shape == (2, 6)
+    assert sdxl.meta["default_spacing"] == "trailing" and sdxl.meta["noise_stream"] == "sequential"
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd2-v", "sd3"])
+def test_teacher_euler_sampler_matches_the_stock_pipeline(pipelines, arch):
+    """fewstep's Euler (DDIM; trailing timesteps for VP; flow times 1, 3/4, 1/2, 1/4) with CFG equals the stock
+    pipeline with DDIMScheduler(trailing) / FlowMatchEuler(shift 1): same latents from the same generators.
+    (diffusers' trailing EulerDiscreteScheduler starts from sigma_max instead of sqrt(1 + sigma_max^2) times the
+    noise: 0.2% off at SD's sigma_max = 14.6, so it is not the reference here.)"""
+    from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    den = load_teacher(pipelines[arch])
+    pipe = DiffusionPipeline.from_pretrained(str(pipelines[arch]))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a cat", "the red thing"]
+    ours, _ = generate(den, 2, steps=4, solver="euler", spacing=den.meta["default_spacing"], seed=3, guidance=3.0,
+                       cond=den.components.encode_prompts(prompts))
+    gens = [torch.Generator().manual_seed(s) for s in sample_seeds(3, 0, 2)]
+    if arch == "sd3":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+        theirs = pipe(prompts, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=3.0, generator=gens,
+                      output_type="latent").images
+    else:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                   set_alpha_to_one=True, clip_sample=False)
+        theirs = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, generator=gens, output_type="latent").images
+    assert den.prediction == {"sdxl": "eps", "sd2-v": "v", "sd3": "flow"}[arch]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)  # float64 vs float32 schedule tables
+    assert float(ours.std()) > 0.1
+
+
+def test_lora_student_shares_the_teacher_weights(sdxl):
+    torch.manual_seed(0)
+    net = sdxl.net.derive(lora_rank=4)
+    assert isinstance(net, LoraDiffusersNet)
+    base_ptrs = {p.data_ptr() for p in sdxl.net.parameters()}
+    tree_ptrs = {p.data_ptr() for n, p in net.live.named_parameters() if "lora_" not in n}
+    assert tree_ptrs == base_ptrs  # one copy of the base weights in memory
+    names = [n for n, _ in net.named_parameters()]
+    assert names and all(n.startswith("lora.") for n in names)  # only the adapter is a parameter
+    assert sum(p.numel() for p in net.parameters()) < 0.2 * sum(p.numel() for p in sdxl.net.parameters())
+    x, t, cond = _inputs(sdxl)
+    with torch.no_grad():
+        before = sdxl.net(x, t, cond)
+        torch.testing.assert_close(net(x, t, cond), before, rtol=0, atol=0)  # LoRA B starts at zero
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        moved = net(x, t, cond)
+        assert float((moved - before).abs().max()) > 1e-3
+        torch.testing.assert_close(sdxl.net(x, t, cond), before, rtol=0, atol=0)  # the teacher is untouched
+    # gradients reach the adapter only
+    net(x, t, cond).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert all(p.grad is None for p in sdxl.net.parameters())
+
+
+def test_lora_deep_copy_is_a_new_adapter_on_the_same_base(sdxl):
+    torch.manual_seed(0)
+    net = sdxl.net.derive(lora_rank=2, guidance_embed=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    state = torch.get_rng_state()
+    twin = copy.deepcopy(net)
+    assert torch.equal(torch.get_rng_state(), state)  # a copy draws nothing from the run's random streams
+    assert twin.live is not net.live
+    assert {p.data_ptr() for n, p in twin.live.named_parameters() if "lora_" not in n and "cond_proj" not in n} == {
+        p.data_ptr() for p in sdxl.net.parameters()}
+    x, t, cond = _inputs(sdxl)
+    w = torch.tensor([1.0, 4.0, 8.0])
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, t, cond, guidance=w), net(x, t, cond, guidance=w), rtol=0, atol=0)
+        for p in twin.parameters():
+            p.mul_(0.0)
+        assert not torch.allclose(twin(x, t, cond, guidance=w), net(x, t, cond, guidance=w))
+    assert [k for k in twin.state_dict()] == [k for k in net.state_dict()]
+
+
+def test_full_copy_is_independent(sdxl):
+    net = sdxl.net.derive()
+    assert net.role == "full" and {p.data_ptr() for p in net.parameters()}.isdisjoint(
+        {p.data_ptr() for p in sdxl.net.parameters()})
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in sdxl.net.parameters())
+
+
+def test_guidance_input_matches_the_pipelines_embedding(sdxl):
+    w = torch.tensor([1.0, 2.5, 9.0])
+    ref = sdxl.components.pipe.get_guidance_scale_embedding(w, embedding_dim=256)
+    torch.testing.assert_close(guidance_scale_embedding(w, 256), ref, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    net = sdxl.net.derive(guidance_embed=True)
+    x, t, cond = _inputs(sdxl)
+    with torch.no_grad():  # zero-initialised: the student starts as the teacher whatever w
+        torch.testing.assert_close(net(x, t, cond, guidance=w), sdxl.net(x, t, cond), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 3])
+def test_standalone_model_is_the_student(sdxl, lora_rank):
+    """The exported UNet (LoRA merged; a UNet config with time_cond_proj_dim) computes what the student does,
+    fed the guidance embedding of w - 1 the way stock pipelines feed it."""
+    torch.manual_seed(0)
+    net = sdxl.net.derive(lora_rank=lora_rank, guidance_embed=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    unet = net.standalone_model()
+    assert unet.config.time_cond_proj_dim == 256
+    x, t, cond = _inputs(sdxl)
+    w = torch.tensor([2.0, 5.0, 1.0])
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=cond["prompt_embeds"],
+                   timestep_cond=guidance_scale_embedding(w - 1, 256),
+                   added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}).sample
+        torch.testing.assert_close(net(x, t, cond, guidance=w), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(sdxl):
+    x, t, cond = _inputs(sdxl)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        net = sdxl.net.derive(lora_rank=2, gradient_checkpointing=ckpt)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05)
+        other = sdxl.net.derive(lora_rank=2)  # another adapter used in between must not leak into the recompute
+        loss = net(x, t, cond).square().mean() + other(x, t, cond).detach().mean()
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert not sdxl.components.pipe.unet.down_blocks[1].gradient_checkpointing  # the teacher's tree is not touched
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_capture_features_reads_the_bottleneck(sdxl, pipelines):
+    torch.manual_seed(0)
+    student = copy.deepcopy(sdxl)
+    student.net = sdxl.net.derive(lora_rank=2)
+    x, t, cond = _inputs(sdxl)
+    x.requires_grad_(True)
+    with capture_features(feature_layer(student)) as feats:
+        student(x, t, cond)
+    assert feats["features"].shape == (3, 32, 4, 4)
+    DiscriminatorHead((32, 4, 4))(feats["features"]).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    sd3 = load_teacher(pipelines["sd3"])
+    xs, ts, cs = _inputs(sd3)
+    with torch.no_grad(), capture_features(feature_layer(sd3)) as feats:
+        sd3(xs, ts, cs)
+    assert feats["features"].shape == (3, 16, 16)  # (B, tokens, dim): the joint block's image tokens
+    assert DiscriminatorHead((16, 16))(feats["features"]).shape == (3,)
+
+
+def test_share_weights_copy_builds_new_modules_over_the_same_tensors(sdxl):
+    unet = sdxl.components.pipe.unet
+    tree = share_weights_copy(unet)
+    assert tree is not unet and tree.mid_block is not unet.mid_block
+    assert all(a is b for a, b in zip(tree.parameters(), unet.parameters(), strict=True))
+
+
+def test_sd3_has_no_guidance_input(pipelines):
+    from fewstep.errors import FewstepError
+
+    sd3 = load_teacher(pipelines["sd3"])
+    assert sd3.process.name == "flow" and sd3.meta["flow_shift"] == 3.0
+    with pytest.raises(FewstepError, match="guidance_embed=false"):
+        sd3.net.derive(lora_rank=2, guidance_embed=True)

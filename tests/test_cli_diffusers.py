@@ -1,0 +1,89 @@
+"""The CLI on a diffusers teacher: `distill --teacher DIR --data/--prompts --lora-rank`, `sample --prompt`,
+`export --format diffusers|lora`, and one-line errors (no model offline, prompts for a non-text model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from fewstep.cli import app
+from fewstep.teachers.random_pipelines import save_caption_folder, save_random_pipeline
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def last_json(result):
+    return json.loads([ln for ln in result.stdout.strip().splitlines() if ln.strip()][-1])
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_distill_sample_export_on_a_pipeline_folder(tmp_path):
+    pipe = save_random_pipeline("sdxl", tmp_path / "sdxl")
+    data = save_caption_folder(tmp_path / "caps")
+    runs = tmp_path / "run"
+    r = run("distill", "--method", "lcm", "--teacher", pipe, "--data", data, "--iters", 2, "--batch-size", 2,
+            "--lora-rank", 4, "--lora-alpha", 8, "--gradient-checkpointing", "--resolution", "16x24", "--out", runs,
+            "--sample-every", 0, "--eval-steps", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    cfg = yaml.safe_load((runs / "config.yaml").read_text())
+    assert cfg["lora_rank"] == 4 and cfg["lora_alpha"] == 8 and cfg["gradient_checkpointing"] is True
+    assert cfg["resolution"] == "16x24" and cfg["guidance"] == 7.5  # the text2image LCM recipe's fixed CFG scale
+    assert cfg["options"]["guidance_embed"] is False
+    student = json.loads((runs / "student" / "config.json").read_text())
+    assert student["network"]["lora"] == {**student["network"]["lora"], "rank": 4, "alpha": 8.0}
+    assert student["denoiser"]["data_shape"] == [4, 8, 12]
+
+    out = tmp_path / "imgs"
+    r = run("sample", "--model", runs, "--prompt", "a cat", "--num", 2, "--out", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    res = last_json(r)
+    assert res["prompts"] == ["a cat"] and res["steps"] == 1 and res["solver"] == "fewstep"
+    assert res["spacing"] == "trailing" and sorted(p.name for p in out.iterdir()) == [
+        "00000.png", "00001.png", "grid.png", "samples.npz"]
+    from PIL import Image
+
+    with Image.open(out / "00000.png") as im:
+        assert im.size == (24, 16) and im.mode == "RGB"
+
+    for fmt, needle in (("diffusers", "model_index.json"), ("lora", "pytorch_lora_weights.safetensors")):
+        r = run("export", runs, "--format", fmt, "--out", tmp_path / fmt, "--json")
+        assert r.exit_code == 0, r.stderr
+        res = last_json(r)
+        assert res["scheduler"] == "LCMScheduler" and any(f.endswith(needle) for f in res["files"])
+    one_line_error(run("export", runs, "--format", "lora", "--out", tmp_path / "lora"), "already exists")
+
+
+def test_one_line_errors(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    one_line_error(run("sample", "--teacher", "sdxl", "--num", 1), "stabilityai/stable-diffusion-xl-base-1.0",
+                   "hf download")
+    one_line_error(run("distill", "--teacher", "sd15", "--out", tmp_path / "r"), "not in the local Hugging Face cache")
+    assert not (tmp_path / "r").exists()
+    one_line_error(run("sample", "--teacher", "digits", "--prompt", "a cat", "--num", 1), "text-to-image model")
+    one_line_error(run("export", tmp_path, "--format", "onnx", "--out", tmp_path / "x"), "allowed: safetensors, "
+                   "diffusers, lora")
