@@ -14,8 +14,9 @@ at 2 steps with its best 2-step solver (of Euler, Heun, DPM-Solver++(2M)), and t
 steps, on the teacher's built-in metric (SWD for 2-D toys, FD-digits for digits; lower is better) with the
 same number of samples. Ratios are student / teacher-best, student-1-step / teacher-1-step and
 student-2-step / teacher-2-step. Methods that report straightness (reflow) show it for the teacher and after
-the last reflow round (every measurement is in the JSON). Later methods add rows by registering themselves;
-nothing here is method-specific.
+the last reflow round; on toy:gaussians8 and digits, "S1 min-mode" is the 1-step student's smallest mode
+(class) share of the samples (1/8 and 1/10 are ideal; distribution matching is known to drop modes). Every
+measurement is in the JSON. Later methods add rows by registering themselves; nothing here is method-specific.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def run_cell(method: str, teacher: str, *, iters=None, batch_size=None, options=
             "train_seconds": res["train_seconds"], "total_seconds": round(total, 1),
             "n_samples": n, "teacher_best": best, "teacher_1step": one, "teacher_2step": two,
             "student": {s: rows[("student", s)] for s in (1, 2, 4)}}
+    from fewstep.training.report import extra_columns
+
+    for extra in extra_columns(res["table"]):  # mode / class coverage: the smallest mode's (class's) share
+        cell[extra] = {f"{r['model']} {r['steps']}": r[extra] for r in res["table"] if extra in r}
     cell["ratio_1step_vs_teacher_1step"] = cell["student"][1] / one
     cell["ratio_2step_vs_teacher_2step"] = cell["student"][2] / two["value"]
     cell["ratio_vs_teacher_best"] = {s: v / best for s, v in cell["student"].items()}
@@ -90,18 +95,21 @@ def run_cell(method: str, teacher: str, *, iters=None, batch_size=None, options=
 def print_table(cells):
     head = (f"{'method':<26} {'teacher':<18} {'metric':<10} {'iters':>6} {'train s':>8} {'T best':>8} {'T 1':>8} "
             f"{'T 2 (solver)':>16} {'S 1':>8} {'S 2':>8} {'S 4':>8} {'S1/T1':>6} {'S2/T2':>6} {'S1/Tb':>6} "
-            f"{'S4/Tb':>6} {'straightness T -> S':>22}")
+            f"{'S4/Tb':>6} {'S1 min-mode':>11} {'straightness T -> S':>22}")
     print(head)
     print("-" * len(head))
     for c in cells:
         s, two = c["student"], c["teacher_2step"]
         st = c.get("straightness")
         st_text = f"{st['teacher']:.4g} -> {st['after_rounds']:.4g}" if st else "-"
+        cov = c.get("coverage", c.get("class-coverage", {})).get("student 1")
+        cov_text = f"{cov:.4f}" if cov is not None else "-"
         print(f"{c['method']:<26} {c['teacher']:<18} {c['metric']:<10} {c['iterations']:>6} "
               f"{c['train_seconds']:>8.0f} {c['teacher_best']:>8.4f} {c['teacher_1step']:>8.4f} "
               f"{two['value']:>8.4f} ({two['solver']:<5}) {s[1]:>8.4f} {s[2]:>8.4f} {s[4]:>8.4f} "
               f"{c['ratio_1step_vs_teacher_1step']:>6.3f} {c['ratio_2step_vs_teacher_2step']:>6.3f} "
-              f"{c['ratio_vs_teacher_best'][1]:>6.2f} {c['ratio_vs_teacher_best'][4]:>6.2f} {st_text:>22}")
+              f"{c['ratio_vs_teacher_best'][1]:>6.2f} {c['ratio_vs_teacher_best'][4]:>6.2f} {cov_text:>11} "
+              f"{st_text:>22}")
 
 
 def main(argv=None):

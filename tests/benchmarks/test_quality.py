@@ -1,0 +1,29 @@
+"""benchmarks/quality.py runs a cell end to end and reports mode coverage beside the metric."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_cell_reports_coverage_and_ratios(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "q.json"
+    bench.main(["--methods", "dmd2:update_ratio=1", "--teachers", "toy:gaussians8", "--iters", "2", "--eval-num",
+                "256", "--out", str(out)])
+    cell = json.loads(out.read_text())["cells"][0]
+    assert cell["method"] == "dmd2:update_ratio=1" and cell["options"] == {"update_ratio": 1}
+    assert cell["iterations"] == 2 and cell["n_samples"] == 256 and cell["metric"] == "swd"
+    assert set(cell["coverage"]) == {"teacher (best) 50", "teacher 1", "student 1", "student 2", "student 4"}
+    assert 0 <= cell["coverage"]["student 1"] <= 1
+    assert cell["ratio_vs_teacher_best"]["1"] == cell["student"]["1"] / cell["teacher_best"]  # JSON keys
+    text = capsys.readouterr().out
+    assert "S1 min-mode" in text and f"{cell['coverage']['student 1']:.4f}" in text
