@@ -64,6 +64,13 @@ RECIPES: dict[tuple[str, str], dict] = {
     ("cd", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
     ("lcm", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
     ("lcm", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
+    # distribution matching: DMD2 keeps its 5:1 update ratio, so the generator gets iters / 5 updates
+    ("dmd2", "2d"): {"iters": 6000, "batch_size": 256, "lr": 1e-3},
+    ("dmd2", "image"): {"iters": 2000, "batch_size": 128, "lr": 2e-4},
+    ("dmd", "2d"): {"iters": 2000, "batch_size": 256, "lr": 3e-4},
+    ("dmd", "image"): {"iters": 1500, "batch_size": 128, "lr": 1e-4},
+    ("sid", "2d"): {"iters": 2000, "batch_size": 256, "lr": 3e-4},
+    ("sid", "image"): {"iters": 1500, "batch_size": 128, "lr": 1e-4},
     ("reflow", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995,
                        "options": {"pair_num": 20000}},
     ("reflow", "image"): {"iters": 1000, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999,
