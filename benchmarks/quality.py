@@ -57,7 +57,7 @@ def run_cell(method: str, teacher: str, *, iters=None, batch_size=None, options=
              label=None):
     with tempfile.TemporaryDirectory() as tmp:
         kw = {"method": method, "teacher": teacher, "out": str(Path(tmp) / "run"), "sample_every": 0,
-              "checkpoint_every": 0, "seed": seed, "eval_steps": [1, 2, 4]}
+              "checkpoint_every": 0, "seed": seed}
         for k, v in (("iters", iters), ("batch_size", batch_size), ("eval_num", eval_num)):
             if v is not None:
                 kw[k] = v
@@ -75,14 +75,14 @@ def run_cell(method: str, teacher: str, *, iters=None, batch_size=None, options=
             "metric": res["table"][0]["metric"], "iterations": res["iterations"],
             "train_seconds": res["train_seconds"], "total_seconds": round(total, 1),
             "n_samples": n, "teacher_best": best, "teacher_1step": one, "teacher_2step": two,
-            "student": {s: rows[("student", s)] for s in (1, 2, 4)}}
+            "student": {s: rows.get(("student", s)) for s in (1, 2, 4)}}
     from fewstep.training.report import extra_columns
 
     for extra in extra_columns(res["table"]):  # mode / class coverage: the smallest mode's (class's) share
         cell[extra] = {f"{r['model']} {r['steps']}": r[extra] for r in res["table"] if extra in r}
     cell["ratio_1step_vs_teacher_1step"] = cell["student"][1] / one
-    cell["ratio_2step_vs_teacher_2step"] = cell["student"][2] / two["value"]
-    cell["ratio_vs_teacher_best"] = {s: v / best for s, v in cell["student"].items()}
+    cell["ratio_2step_vs_teacher_2step"] = cell["student"][2] / two["value"] if cell["student"][2] else None
+    cell["ratio_vs_teacher_best"] = {s: v / best for s, v in cell["student"].items() if v is not None}
     if res.get("straightness"):
         recs = res["straightness"]
         rounds = [r for r in recs if str(r["after"]).startswith("round")]
@@ -104,12 +104,15 @@ def print_table(cells):
         st_text = f"{st['teacher']:.4g} -> {st['after_rounds']:.4g}" if st else "-"
         cov = c.get("coverage", c.get("class-coverage", {})).get("student 1")
         cov_text = f"{cov:.4f}" if cov is not None else "-"
+        def num(v, width, digits):  # "-" where the method does not sample at that step count
+            return f"{v:>{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
+
+        r = c["ratio_vs_teacher_best"]
         print(f"{c['method']:<26} {c['teacher']:<18} {c['metric']:<10} {c['iterations']:>6} "
               f"{c['train_seconds']:>8.0f} {c['teacher_best']:>8.4f} {c['teacher_1step']:>8.4f} "
-              f"{two['value']:>8.4f} ({two['solver']:<5}) {s[1]:>8.4f} {s[2]:>8.4f} {s[4]:>8.4f} "
-              f"{c['ratio_1step_vs_teacher_1step']:>6.3f} {c['ratio_2step_vs_teacher_2step']:>6.3f} "
-              f"{c['ratio_vs_teacher_best'][1]:>6.2f} {c['ratio_vs_teacher_best'][4]:>6.2f} {cov_text:>11} "
-              f"{st_text:>22}")
+              f"{two['value']:>8.4f} ({two['solver']:<5}) {num(s[1], 8, 4)} {num(s[2], 8, 4)} {num(s[4], 8, 4)} "
+              f"{c['ratio_1step_vs_teacher_1step']:>6.3f} {num(c['ratio_2step_vs_teacher_2step'], 6, 3)} "
+              f"{num(r.get(1), 6, 2)} {num(r.get(4), 6, 2)} {cov_text:>11} {st_text:>22}")
 
 
 def main(argv=None):

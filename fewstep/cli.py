@@ -318,7 +318,8 @@ def distill(
     keep_checkpoints: int | None = _opt(help="Checkpoints kept (default 2)."),
     eval: bool | None = typer.Option(None, "--eval/--no-eval", help="Final quality table (default on)."),
     eval_num: int | None = _opt(help="Samples per quality-table entry (default 4096 toys, 2000 digits)."),
-    eval_steps: str | None = _opt(help="Student step counts in the table, comma-separated (default 1,2,4)."),
+    eval_steps: str | None = _opt(help="Student step counts in the table, comma-separated (default: the method's, "
+                                       "1,2,4 for most; 1 for one-step generators)."),
     stop_after: int | None = _opt(help="Stop after N iterations of this invocation (resume later)."),
     prompts: str | None = _opt(help="Text-to-image teachers: prompt file (.txt one per line, .jsonl, .csv) or "
                                     "image-caption folder; conditions are cached in RUN/cache."),

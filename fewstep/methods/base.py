@@ -142,6 +142,10 @@ class DistillMethod:
         """Named losses; "loss" is the one back-propagated for the phase's roles."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def eval_steps(self) -> tuple[int, ...]:
+        """The student step counts of the final quality table when --eval-steps is not given."""
+        return (1, 2, 4)
+
     def student_meta(self) -> dict:
         """How the saved student samples by default (solver, steps, renoise, guidance)."""
         return {"default_solver": "fewstep", "default_steps": 1, "default_renoise": "fresh"}

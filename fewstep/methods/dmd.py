@@ -142,6 +142,12 @@ class FakeScoreMethod(DistillMethod):
         return [Phase("critic", self.critic_roles()),
                 Phase("generator", ("student",), every=int(self.config.update_ratio))]
 
+    def eval_steps(self) -> tuple[int, ...]:
+        """A one-step generator is only ever trained at the start of its path: the table scores 1 step; a
+        K-step generator 1, 2 (when K >= 2) and K steps."""
+        k = len(self.gen_times)
+        return tuple(sorted({1, min(2, k), k}))
+
     def student_meta(self) -> dict:
         k = len(self.gen_times)
         return {"default_solver": "fewstep", "default_steps": k, "default_renoise": "fresh",

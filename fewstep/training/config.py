@@ -45,7 +45,7 @@ class DistillConfig:
     keep_checkpoints: int = 2
     eval: bool = True  # final quality table (teacher vs student on the built-in metric)
     eval_num: int | None = None  # samples for the quality table (default: 4096 toys, 2000 digits)
-    eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    eval_steps: list[int] | None = None  # student step counts in the table (None: the method's, usually 1,2,4)
     stop_after: int | None = None  # stop (with a checkpoint) after this many iterations of this invocation
     options: dict = field(default_factory=dict)  # the method's own hyperparameters (`--opt KEY=VALUE`)
     # text-to-image (diffusers) teachers
@@ -152,8 +152,9 @@ def validate(cfg: DistillConfig) -> None:
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
     need(cfg.guidance >= 0, f"--guidance must be >= 0, got {cfg.guidance}")
     need(cfg.stop_after is None or cfg.stop_after >= 1, f"--stop-after must be >= 1, got {cfg.stop_after}")
-    need(all(isinstance(s, int) and s >= 1 for s in cfg.eval_steps), f"--eval-steps must be integers >= 1, "
-                                                                      f"got {cfg.eval_steps}")
+    need(cfg.eval_steps is None or (len(cfg.eval_steps) > 0 and all(isinstance(s, int) and s >= 1
+                                                                    for s in cfg.eval_steps)),
+         f"--eval-steps must be integers >= 1, got {cfg.eval_steps}")
     need(isinstance(cfg.options, dict), "options must be a mapping of the method's hyperparameters")
     need(cfg.lora_rank is None or (isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0),
          f"--lora-rank must be an integer >= 0 (0 = full fine-tuning), got {cfg.lora_rank!r}")

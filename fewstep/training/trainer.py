@@ -510,7 +510,8 @@ class Trainer:
             online = self.student
             online.meta.update(self._student_meta())
             save_denoiser(online, self.out / STUDENT_ONLINE)
-        for steps in cfg.eval_steps:
+        eval_steps = tuple(cfg.eval_steps or self.method.eval_steps())
+        for steps in eval_steps:
             save_sample_grid(model, self.out / SAMPLES / f"final_{steps}step.png", steps=steps, cond=self._grid_cond())
         result["student"] = str(self.out / STUDENT)
         rows = []
@@ -526,7 +527,7 @@ class Trainer:
                 teacher = (self._teacher_fp32 if self.teacher_given
                            else load_model(cfg.teacher, **teacher_options(cfg)))
                 teacher.to(self.device).eval()
-            rows = quality_table(teacher, model, data, num=num, student_steps=tuple(cfg.eval_steps),
+            rows = quality_table(teacher, model, data, num=num, student_steps=eval_steps,
                                  teacher_spec=spec, guidance=cfg.guidance, progress=progress_eval)
             result["eval_seconds"] = round(time.perf_counter() - t0, 2)
         result["table"] = rows
