@@ -309,6 +309,8 @@ def distill(
     eval_num: int | None = _opt(help="Samples per quality-table entry (default 4096 toys, 2000 digits)."),
     eval_steps: str | None = _opt(help="Student step counts in the table, comma-separated (default 1,2,4)."),
     stop_after: int | None = _opt(help="Stop after N iterations of this invocation (resume later)."),
+    mode: str | None = _opt(help="sCM: distill (sCD, the teacher's velocity) | train (sCT, from data); the same "
+                                 "as --opt mode=MODE."),
     opt: list[str] | None = typer.Option(None, "--opt", help="A method option KEY=VALUE (repeatable; see "
                                          "`fewstep methods`)."),
     as_json: bool = JSON_OPT,
@@ -329,9 +331,11 @@ def distill(
             flags["eval_steps"] = [int(s) for s in eval_steps.split(",") if s.strip()]
         except ValueError:
             raise FewstepError(f"--eval-steps must be comma-separated integers, got {eval_steps!r}") from None
-    if opt:
+    if opt or mode is not None:
         options = dict(values.get("options") or {})
-        options.update(parse_option(o) for o in opt)
+        options.update(parse_option(o) for o in opt or ())
+        if mode is not None:
+            options["mode"] = mode
         flags["options"] = options
     values.update({k: v for k, v in flags.items() if v is not None})
     from accelerate.state import PartialState

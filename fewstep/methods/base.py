@@ -162,6 +162,7 @@ def get_method(name: str) -> type[DistillMethod]:
 
 def _load_builtin_methods():
     import fewstep.methods.consistency  # noqa: F401  (registers cd, lcm)
+    import fewstep.methods.scm  # noqa: F401  (registers scm)
 
 
 def build_method_config(name: str, values: dict | None) -> MethodConfig:
