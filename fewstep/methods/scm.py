@@ -170,7 +170,7 @@ class ContinuousConsistency(DistillMethod):
         dF^-/dt comes from the configured JVP backend through the unwrapped student, under no_grad."""
         sd = self.config.sigma_d
         base = unwrap_model(nets["student"])
-        frozen = TrigFlowDenoiser(base, sd)
+        frozen = TrigFlowDenoiser(base, sd, through_forward=False)  # outside DDP and accelerate's autocast wrapper
         with torch.no_grad():
             dF_dt = self.jvp(lambda x, tt: frozen(x, tt, cond), (x_t, t), (dx_dt, torch.ones_like(t)),
                              modules=[base], fd_steps=self.fd_steps(t, x_t.dtype))

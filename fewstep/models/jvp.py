@@ -13,7 +13,10 @@ The directional derivative d/de fn(p + e v) at e = 0 (sCM's dF/dt, Lu & Song 202
   near the ends of a time range.
 - "auto": the first of kernel, func that runs on the model (tried once, then remembered), else fd with
   a one-line warning.
-Both forward-AD backends also apply the GroupNorm fix; none of them builds an autograd graph.
+Both forward-AD backends also apply the GroupNorm fix; none of them builds an autograd graph. Every backend
+runs with autocast switched off, in the precision of the inputs and parameters: torch's forward AD mis-casts
+tangents under autocast (conv -> group_norm -> conv fails: a bf16 tangent meets an fp32 primal), and central
+differences in bf16 would be mostly round-off. A half-precision model still gets the fused attention kernel.
 """
 
 from __future__ import annotations
@@ -146,14 +149,14 @@ def jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangen
     """
     if backend not in JVP_BACKENDS or backend == "auto":
         raise ValueError(f"unknown JVP backend {backend!r}; allowed here: kernel, func, fd (auto: use JVP)")
-    if backend == "fd":
-        if fd_steps is None:
-            h = default_fd_step(primals[0].dtype)
-            fd_steps = (h, h)
-        device = primals[0].device
-        devices = [device] if device.type == "cuda" else []
-        return _finite_difference(fn, primals, tangents, fd_steps, devices)
-    return _forward_ad(fn, primals, tangents, backend, modules)
+    device = primals[0].device
+    with torch.autocast(device_type=device.type, enabled=False):
+        if backend == "fd":
+            if fd_steps is None:
+                h = default_fd_step(primals[0].dtype)
+                fd_steps = (h, h)
+            return _finite_difference(fn, primals, tangents, fd_steps, [device] if device.type == "cuda" else [])
+        return _forward_ad(fn, primals, tangents, backend, modules)
 
 
 class JVP:

@@ -33,10 +33,12 @@ class TrigFlowDenoiser(nn.Module):
     """F(x, t, cond, guidance) of a wrapped Denoiser, with x and t in TrigFlow(sigma_d) units.
 
     `denoiser` may be a DDP-wrapped Denoiser (it is called through its forward, so DDP sees the call);
-    its process and prediction type are read from the module inside.
+    its process and prediction type are read from the module inside. `through_forward=False` calls the
+    Denoiser's `predict` instead, bypassing wrappers that training frameworks put on `forward` (accelerate's
+    mixed-precision autocast, DDP): for no-grad passes such as sCM's JVP.
     """
 
-    def __init__(self, denoiser: nn.Module, sigma_d: float = 1.0):
+    def __init__(self, denoiser: nn.Module, sigma_d: float = 1.0, *, through_forward: bool = True):
         super().__init__()
         if not sigma_d > 0:
             raise ValueError(f"sigma_d must be > 0, got {sigma_d}")
@@ -47,6 +49,7 @@ class TrigFlowDenoiser(nn.Module):
         self.native_sigma_d = float(base.sigma_d)
         self.sigma_d = float(sigma_d)
         self.trigflow = TrigFlow(sigma_d=self.sigma_d)
+        self.through_forward = bool(through_forward)
 
     # -- time and state maps -------------------------------------------------------------------
     def native(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +72,8 @@ class TrigFlowDenoiser(nn.Module):
         """F = cos(t) eps_hat - sin(t) x0_hat / sigma_d from the wrapped model's guided prediction."""
         t = _per_sample(as_time(t, x), x)
         x_s, s = self.native(x, t)
-        pred = self.denoiser(x_s, s, cond, guidance, kind=self.prediction)
+        call = self.denoiser if self.through_forward else unwrap_model(self.denoiser).predict
+        pred = call(x_s, s, cond, guidance, kind=self.prediction)
         x0, eps = to_x0_eps(pred, x_s, s, self.process, self.prediction, self.native_sigma_d)
         out = expand_like(torch.cos(t), x) * eps - expand_like(torch.sin(t) / self.sigma_d, x) * x0
         return out.to(x.dtype)

@@ -306,3 +306,26 @@ def test_cli_mode_flag(tmp_path):
     res = CliRunner().invoke(app, ["distill", "--method", "cd", "--mode", "train", "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "unknown option(s) mode for method 'cd'" in res.output
     assert not (tmp_path / "c").exists()
+
+
+def test_bf16_mixed_precision_keeps_forward_mode_ad(tmp_path, monkeypatch):
+    """accelerate wraps the student's forward in autocast; the JVP bypasses it (torch's forward AD mis-casts
+    tangents under autocast), so auto still picks forward-mode AD rather than falling back to differences."""
+    import warnings
+
+    from fewstep.methods.scm import ContinuousConsistency
+
+    chosen = []
+    original = ContinuousConsistency.tangent
+
+    def spy(self, *a, **k):
+        out = original(self, *a, **k)
+        chosen.append(self.jvp.chosen)
+        return out
+
+    monkeypatch.setattr(ContinuousConsistency, "tangent", spy)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*finite differences.*")
+        res = distill(method="scm", teacher="digits", iters=2, batch_size=8, mixed_precision="bf16", eval=False,
+                      sample_every=0, out=str(tmp_path / "r"))
+    assert res["finished"] and chosen == ["kernel", "kernel"]

@@ -246,6 +246,23 @@ def test_finite_differences_use_the_same_dropout_on_both_sides_and_leave_the_rng
     torch.testing.assert_close(fd[~dropped], exact[~dropped], rtol=1e-8, atol=1e-8)
 
 
+def test_jvp_runs_outside_autocast():
+    """Under bf16 autocast (the trainer's --mixed-precision bf16), forward AD through conv -> GroupNorm -> conv
+    would fail on mis-cast tangents; every backend runs in the parameters' precision instead."""
+    torch.manual_seed(0)
+    net = UNetNet(in_channels=1, base=8, mults=(1, 2), num_res=1, heads=2)
+    den = Denoiser(net, RectifiedFlow(), "flow", data_shape=(1, 8, 8))
+    wrapper = TrigFlowDenoiser(den, 0.5)
+    x, dx = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t = torch.tensor([0.4, 1.1], dtype=F64)
+    for backend in ("kernel", "func", "fd"):
+        ref = jvp(lambda a, b: wrapper(a, b), (x, t), (dx, torch.ones_like(t)), backend=backend, modules=[den])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = jvp(lambda a, b: wrapper(a, b), (x, t), (dx, torch.ones_like(t)), backend=backend, modules=[den])
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_finite_difference_is_second_order_and_one_sided_steps_work():
     f = lambda a, b: torch.sin(3 * a) * torch.exp(b)[:, None]  # noqa: E731
     x = torch.tensor([[0.3, -0.2]], dtype=F64)
