@@ -14,6 +14,12 @@ ordinary Denoiser in the teacher's process and samples with the shared few-step 
 
 whose gradient is -2 g . dF_theta/dtheta / D: with r = 1, g = cos(t) df^-/dt, so the student is pushed to
 make f constant along the teacher's ODE. `scm_loss` is the reusable term (rCM adds a DMD regulariser to it).
+
+Learning rates: each step moves f by -eta df/dt, an explicit Euler step of the advection equation
+df/dt = 0 with an exact (non-dissipative) derivative, which amplifies components of f that oscillate fast in
+t. Networks with 1000-scaled sinusoidal time embeddings (the built-in teachers, DDPM/SD-style models) have such
+components, so sCM needs much smaller learning rates than discrete CD with them (the sCM paper's reason for
+small time-embedding scales); the recipes use 5e-5.
 """
 
 from __future__ import annotations
@@ -74,8 +80,8 @@ class LogVarianceHead(nn.Module):
 
 def scm_tangent(F_minus: torch.Tensor, dF_dt: torch.Tensor, x_t: torch.Tensor, dx_dt: torch.Tensor, t: torch.Tensor,
                 sigma_d: float, r: float = 1.0) -> torch.Tensor:
-    """g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt) (Lu & Song 2024, eq. 8
-    with the tangent warm-up r). With r = 1 this is cos(t) df^-/dt for f = cos(t) x_t - sin(t) sigma_d F^-."""
+    """g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt) (Lu & Song 2024's training
+    tangent, with their warm-up r). With r = 1 this is cos(t) df^-/dt for f = cos(t) x_t - sin(t) sigma_d F^-."""
     work = torch.promote_types(F_minus.dtype, torch.float32)
     cos, sin = expand_like(torch.cos(t), F_minus).to(work), expand_like(torch.sin(t), F_minus).to(work)
     F_minus, dF_dt, x_t, dx_dt = (v.to(work) for v in (F_minus, dF_dt, x_t, dx_dt))
