@@ -72,8 +72,11 @@ class TrigFlowDenoiser(nn.Module):
         """F = cos(t) eps_hat - sin(t) x0_hat / sigma_d from the wrapped model's guided prediction."""
         t = _per_sample(as_time(t, x), x)
         x_s, s = self.native(x, t)
-        call = self.denoiser if self.through_forward else unwrap_model(self.denoiser).predict
-        pred = call(x_s, s, cond, guidance, kind=self.prediction)
+        base = unwrap_model(self.denoiser)
+        call = self.denoiser if self.through_forward else base.predict
+        # the model runs in its own precision (e.g. a frozen bf16 teacher), the conversions in x's dtype
+        dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), x.dtype)
+        pred = call(x_s.to(dtype), s, cond, guidance, kind=self.prediction).to(x.dtype)
         x0, eps = to_x0_eps(pred, x_s, s, self.process, self.prediction, self.native_sigma_d)
         out = expand_like(torch.cos(t), x) * eps - expand_like(torch.sin(t) / self.sigma_d, x) * x0
         return out.to(x.dtype)

@@ -129,6 +129,17 @@ def test_matches_denoiser_predict_trigflow_and_guidance_is_linear():
             torch.testing.assert_close(wrapper(x, t, y, w), uncond + wb * (cond - uncond), rtol=1e-9, atol=1e-9)
 
 
+def test_a_half_precision_model_is_called_in_its_own_dtype():
+    teacher = load_teacher("toy:checkerboard")
+    half = load_teacher("toy:checkerboard").to(torch.bfloat16)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    t = torch.linspace(0.05, 1.5, 64, dtype=F64)
+    with torch.no_grad():
+        ref, out = TrigFlowDenoiser(teacher, 1.0)(x, t), TrigFlowDenoiser(half, 1.0)(x, t)
+    assert out.dtype == torch.float32
+    assert float((out - ref).norm() / ref.norm()) < 0.05  # bf16 weights and activations
+
+
 def test_sigma_d_must_be_positive():
     with pytest.raises(ValueError, match="sigma_d"):
         TrigFlowDenoiser(load_teacher("toy:checkerboard"), 0.0)
