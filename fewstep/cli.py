@@ -331,6 +331,8 @@ def distill(
                                                        help="Recompute activations of trained diffusers networks "
                                                             "in the backward pass (less memory; default off)."),
     optimizer: str | None = _opt(help="adamw | adamw8bit (bitsandbytes, if installed) (default adamw)."),
+    mode: str | None = _opt(help="sCM: distill (sCD, the teacher's velocity) | train (sCT, from data); the same "
+                                 "as --opt mode=MODE."),
     opt: list[str] | None = typer.Option(None, "--opt", help="A method option KEY=VALUE (repeatable; see "
                                          "`fewstep methods`)."),
     as_json: bool = JSON_OPT,
@@ -353,9 +355,11 @@ def distill(
             flags["eval_steps"] = [int(s) for s in eval_steps.split(",") if s.strip()]
         except ValueError:
             raise FewstepError(f"--eval-steps must be comma-separated integers, got {eval_steps!r}") from None
-    if opt:
+    if opt or mode is not None:
         options = dict(values.get("options") or {})
-        options.update(parse_option(o) for o in opt)
+        options.update(parse_option(o) for o in opt or ())
+        if mode is not None:
+            options["mode"] = mode
         flags["options"] = options
     values.update({k: v for k, v in flags.items() if v is not None})
     from accelerate.state import PartialState

@@ -234,6 +234,7 @@ def _load_builtin_methods():
     import fewstep.methods.consistency  # noqa: F401  (registers cd, lcm)
     import fewstep.methods.dmd  # noqa: F401  (registers dmd, dmd2, sid)
     import fewstep.methods.reflow  # noqa: F401  (registers reflow)
+    import fewstep.methods.scm  # noqa: F401  (registers scm)
     import fewstep.methods.tdm  # noqa: F401  (registers tdm)
 
 

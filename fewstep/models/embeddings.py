@@ -9,10 +9,12 @@ from torch import nn
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Transformer-style sinusoidal features of a (B,) time tensor, computed in fp32 (DDPM, Ho et al. 2020)."""
+    """Transformer-style sinusoidal features of a (B,) time tensor, computed in at least fp32 (DDPM, Ho et al.
+    2020); float64 times stay float64 (exact forward-mode derivatives in fp64 checks)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.to(torch.float32)[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=1)
@@ -22,8 +24,9 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
 class TimeClassEmbedding(nn.Module):
     """emb = MLP(sinusoidal(time_scale * t)) + class_embedding(label); label num_classes is the null class.
 
-    The sinusoidal features are always fp32 (sCM/rCM report instabilities otherwise); the MLP runs
-    in the parameters' dtype.
+    The time embedding is computed in fp32 (sCM/rCM report instabilities otherwise, Lu & Song 2024;
+    Zheng et al. 2025): the sinusoidal features always, and the time MLP outside autocast (in the
+    parameters' dtype; bf16 mixed precision does not reach it).
     """
 
     def __init__(self, dim: int, time_scale: float = 1000.0, num_classes: int | None = None, freq_dim: int = 128,
@@ -44,10 +47,12 @@ class TimeClassEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype,
                 guidance: torch.Tensor | None = None) -> torch.Tensor:
-        # Scale in fp32: t * 1000 in bf16 would round the time to a few units.
-        feats = sinusoidal_embedding(t.to(torch.float32) * self.time_scale, self.freq_dim)
+        # Scale in fp32 (or fp64): t * 1000 in bf16 would round the time to a few units.
+        t = t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t.to(torch.float32)
+        feats = sinusoidal_embedding(t * self.time_scale, self.freq_dim)
         w = self.mlp[0].weight
-        emb = self.mlp(feats.to(w.dtype))
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            emb = self.mlp(feats.to(w.dtype))
         if self.class_emb is not None:
             if labels is None:
                 labels = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)

@@ -80,6 +80,11 @@ RECIPES: dict[tuple[str, str], dict] = {
     ("cd", "text2image"): {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64},
     ("lcm", "text2image"): {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64,
                             "guidance": 7.5, "options": {"guidance_embed": False}},
+    # sCM is unstable at CD's learning rates with these teachers (their 1000-scaled time embeddings make dF/dt large)
+    ("scm", "2d"): {"iters": 4000, "batch_size": 256, "lr": 5e-5, "ema_decay": 0.995,
+                    "options": {"sigma_d": 1.0, "tangent_warmup": 500}},
+    ("scm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5, "ema_decay": 0.999,
+                       "options": {"sigma_d": 0.5, "tangent_warmup": 500}},
 }
 FALLBACK = {"iters": 1000, "batch_size": 64, "lr": 1e-4}
 

@@ -101,6 +101,22 @@ def test_time_embedding_runs_in_fp32_under_bf16(make, monkeypatch):
     assert seen == [torch.float32, torch.float32]
 
 
+def test_time_mlp_stays_fp32_under_autocast_and_fp64_times_stay_fp64():
+    """The time embedding's MLP runs outside bf16 autocast (sCM/rCM: spikes otherwise); float64 times are
+    embedded in float64 (exact fp64 forward-mode derivatives in t)."""
+    torch.manual_seed(0)
+    emb = embeddings.TimeClassEmbedding(32, num_classes=3)
+    t = torch.rand(4)
+    ref = emb(t, None, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = emb(t, None, torch.float32)
+    torch.testing.assert_close(auto, ref, rtol=0, atol=0)
+    t64 = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    assert embeddings.sinusoidal_embedding(t64, 16).dtype == torch.float64
+    feats = embeddings.sinusoidal_embedding(t64 * 1000, 16)
+    torch.testing.assert_close(feats[:, 0], torch.cos(t64 * 1000), rtol=1e-15, atol=1e-15)
+
+
 @pytest.mark.parametrize("net", [MLPNet(dim=2, width=16, depth=2, num_classes=4, time_scale=10.0),
                                  small_unet(in_channels=3, mults=(1, 2, 2), num_res=2, heads=2)])
 def test_build_network_round_trip(net):
