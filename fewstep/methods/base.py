@@ -233,6 +233,7 @@ def get_method(name: str) -> type[DistillMethod]:
 def _load_builtin_methods():
     import fewstep.methods.consistency  # noqa: F401  (registers cd, lcm)
     import fewstep.methods.dmd  # noqa: F401  (registers dmd, dmd2, sid)
+    import fewstep.methods.rcm  # noqa: F401  (registers rcm)
     import fewstep.methods.reflow  # noqa: F401  (registers reflow)
     import fewstep.methods.scm  # noqa: F401  (registers scm)
     import fewstep.methods.tdm  # noqa: F401  (registers tdm)

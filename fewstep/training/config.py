@@ -85,6 +85,11 @@ RECIPES: dict[tuple[str, str], dict] = {
                     "options": {"sigma_d": 1.0, "tangent_warmup": 500}},
     ("scm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5, "ema_decay": 0.999,
                        "options": {"sigma_d": 0.5, "tangent_warmup": 500}},
+    # rCM: sCM's settings for the consistency term; the critic learns at 20x the student's (small) lr
+    ("rcm", "2d"): {"iters": 4000, "batch_size": 256, "lr": 5e-5, "ema_decay": 0.995,
+                    "options": {"sigma_d": 1.0, "tangent_warmup": 500, "fake_lr_scale": 20.0}},
+    ("rcm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5, "ema_decay": 0.999,
+                       "options": {"sigma_d": 0.5, "tangent_warmup": 500, "fake_lr_scale": 20.0}},
 }
 FALLBACK = {"iters": 1000, "batch_size": 64, "lr": 1e-4}
 

@@ -1,0 +1,37 @@
+"""Run by test_ddp_methods.py under `accelerate launch` with 2 CPU processes: a few iterations of one method,
+then each rank writes a digest of every network it trained (they must agree across ranks)."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+
+def digest(module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(method: str, out: str, options: str) -> None:
+    from accelerate.state import PartialState
+
+    from fewstep.training.trainer import Trainer, prepare_run, write_config
+
+    state = PartialState(cpu=True)
+    values = dict(method=method, teacher="digits", iters=4, batch_size=4, out=out, eval=False, sample_every=0,
+                  warmup=1, options=json.loads(options))
+    cfg = prepare_run(values, explicit=set(values), check_out=state.is_main_process)
+    if state.is_main_process:
+        write_config(cfg)
+    state.wait_for_everyone()
+    tr = Trainer(cfg)
+    tr.train()
+    digests = {name: digest(role.module) for name, role in tr.roles.items() if role.trainable}
+    Path(out, f"rank{tr.rank}.json").write_text(json.dumps({"world_size": tr.world, "nets": digests}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
