@@ -1,13 +1,16 @@
-"""Fixtures shared across the test packages."""
+"""Fixtures shared across the test packages (and tests/ on sys.path for `support`, the shared helpers)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import support` from any test package
 
 
 def run_weights(run: Path, sub: str = "student") -> dict[str, torch.Tensor]:
@@ -48,3 +51,13 @@ def check_resume_matches(tmp_path: Path, iters: int = 8, **kw) -> None:
 def resume_matches():
     """`resume_matches(tmp_path, **distill_kwargs)`: see `check_resume_matches`."""
     return check_resume_matches
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny-network tests: on a shared 2-core machine intra-op threads
+    only add synchronisation (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

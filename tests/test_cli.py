@@ -9,30 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from fewstep.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    lines = [ln for ln in result.stdout.strip().splitlines() if ln.strip()]
-    return json.loads(lines[-1])
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, (n, err)
+from support import assert_one_line_error, last_json
+from support import cli_run as run
 
 
 @pytest.mark.parametrize("cmd", [[], ["sample"], ["eval"], ["eval", "swd"], ["teacher"], ["teacher", "train"],

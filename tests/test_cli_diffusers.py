@@ -6,38 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
-from typer.testing import CliRunner
+from support import assert_one_line_error as one_line_error
+from support import cli_run as run
+from support import last_json
 
-from fewstep.cli import app
 from fewstep.teachers.random_pipelines import save_caption_folder, save_random_pipeline
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    return json.loads([ln for ln in result.stdout.strip().splitlines() if ln.strip()][-1])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_distill_sample_export_on_a_pipeline_folder(tmp_path):

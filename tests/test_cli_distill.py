@@ -5,27 +5,9 @@ from __future__ import annotations
 import json
 
 import yaml
-from typer.testing import CliRunner
-
-from fewstep.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    return json.loads([ln for ln in result.stdout.strip().splitlines() if ln.strip()][-1])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
+from support import assert_one_line_error as one_line_error
+from support import cli_run as run
+from support import last_json
 
 
 def test_methods_lists_cd_and_lcm_with_options():

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
-from typer.testing import CliRunner
+from support import assert_one_line_error as one_line_error
+from support import cli_run as run
+from support import last_json
 
-from fewstep.cli import app
 from fewstep.sampling.pairs import load_pairs, shard_name
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    return json.loads([ln for ln in result.stdout.strip().splitlines() if ln.strip()][-1])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def test_pairs_json_resume_and_workers(tmp_path):

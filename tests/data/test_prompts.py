@@ -17,13 +17,7 @@ from fewstep.errors import FewstepError
 from fewstep.teachers import load_teacher
 from fewstep.teachers.random_pipelines import save_caption_folder, save_random_pipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

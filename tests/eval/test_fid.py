@@ -10,33 +10,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
+from support import assert_one_line_error
+from support import cli_run as run
+from support import ok_json as last_json
 
 from fewstep import api
-from fewstep.cli import app
 from fewstep.errors import FewstepError
 from fewstep.eval.fid import ImageFolderSamples, ModelSamples, NpzSamples, load_reference_stats, open_samples
 from fewstep.eval.inception import PTH_NAME, TORCHSCRIPT_NAME, file_sha256
 
-runner = CliRunner()
 SEED, STEPS, NUM, BATCH = 3, 2, 6, 4
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return json.loads([ln for ln in result.stdout.strip().splitlines() if ln.strip()][-1])
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 @pytest.fixture(scope="module")

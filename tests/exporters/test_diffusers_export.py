@@ -19,6 +19,8 @@ from fewstep.errors import FewstepError
 from fewstep.sampling import sample_seeds
 from fewstep.teachers.random_pipelines import save_caption_folder, save_random_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["a cat on a mat", "two yellow dots", "a red square"]
 FAST = dict(iters=3, batch_size=2, sample_every=0, checkpoint_every=0, eval_steps=[1], log_every=1, warmup=1)
 
@@ -35,14 +37,6 @@ CASES = [
 ]
 # scheduler and step counts it must reproduce exactly (TDM saves its 1-4 step grids: 999 | 999, 499 | ...)
 SCHEDULERS = {"tdm": ("DDIMScheduler", [1, 2, 3, 4])}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

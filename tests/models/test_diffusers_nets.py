@@ -19,15 +19,9 @@ from fewstep.sampling import generate, sample_seeds
 from fewstep.teachers import load_teacher
 from fewstep.teachers.random_pipelines import save_random_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["a cat", "the red thing", ""]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: threads only add synchronisation on a shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

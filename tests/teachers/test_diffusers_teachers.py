@@ -10,13 +10,7 @@ from fewstep.teachers import load_teacher
 from fewstep.teachers.diffusers import DIFFUSERS_ALIASES, diffusers_source
 from fewstep.teachers.random_pipelines import save_random_pipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,11 @@
 """Run by test_ddp_methods.py under `accelerate launch` with 2 CPU processes: a few iterations of one method,
 then each rank writes a digest of every network it trained (they must agree across ranks)."""
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
-
-def digest(module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+from ddp_worker import digest  # the script's own folder is on sys.path
 
 
 def main(method: str, out: str, options: str) -> None:

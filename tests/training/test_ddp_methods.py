@@ -8,16 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from fewstep.teachers import load_teacher
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method,options", [("dmd2", {"gan": True, "update_ratio": 2, "steps": 2}), ("tdm", {})])
@@ -37,7 +30,7 @@ def test_two_processes_train_identical_networks(tmp_path, method, options):
     # and the student moved away from the teacher (digest of the teacher's network, computed the same way)
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ddp_method_worker", script)
+    spec = importlib.util.spec_from_file_location("ddp_worker", script.with_name("ddp_worker.py"))
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     teacher = load_teacher("digits")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import free_port
 
 from fewstep.errors import FewstepError
 from fewstep.methods import DistillMethod, Phase, Role
@@ -19,15 +20,6 @@ from fewstep.training.trainer import TrainingDiverged
 
 FAST = dict(method="cd", teacher="toy:checkerboard", batch_size=32, eval=False, sample_every=0, warmup=2,
             log_every=1)
-
-
-def free_port() -> int:
-    """A free TCP port for a process group (two launches on accelerate's default port 29500 collide)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weights(run: Path, sub: str = "student") -> dict[str, torch.Tensor]:

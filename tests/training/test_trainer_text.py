@@ -16,15 +16,9 @@ from fewstep.teachers.random_pipelines import save_caption_folder, save_random_p
 from fewstep.training import distill
 from fewstep.training.trainer import make_optimizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(batch_size=2, eval=False, sample_every=0, warmup=1, log_every=1, checkpoint_every=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
