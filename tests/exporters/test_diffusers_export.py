@@ -32,6 +32,7 @@ CASES = [
     ("lcm", "full", {"guidance_embed": True}),  # LCM with the guidance-scale input (time_cond_proj_dim)
     ("lcm", "lora", {"guidance_embed": False}),  # LCM-LoRA: fixed CFG scale, no guidance input
     ("dmd2", "lora", {"steps": 4, "gan": True}),  # 4-step DMD2, GAN head on the LoRA fake score, real latents
+    ("dmd2", "full", {"steps": 4}),  # 4-step DMD2 on the full UNet, no GAN
     ("tdm", "lora", {}),  # deterministic 4-step student: DDIM (trailing)
     ("tdm", "full", {}),
 ]
