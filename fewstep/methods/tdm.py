@@ -1,17 +1,21 @@
 """Trajectory distribution matching (TDM; Luo et al. 2025): a K-step deterministic student whose whole
 sampling path, not only its output, matches the teacher's marginals.
 
-Each iteration rolls the student's own K-step path under no_grad (x0 = G(x_{t_i}), DDIM re-noise with the
+Each iteration rolls the student's own path under no_grad (x0 = G(x_{t_i}), DDIM re-noise with the
 predicted eps) and picks a step k per sample. From x0_s = G(x_{t_k}) the state is re-noised
 deterministically to the interval's lower end t_mid (t_{k+1}, or clean data after the last step), then
 diffused with fresh noise z to a random t in (t_mid, t_k):
     x_t = (alpha_t / alpha_mid) x_mid + beta z,   beta^2 = sigma_t^2 - (alpha_t sigma_mid / alpha_mid)^2.
 Fake score: x0 regression onto sg(x0_s), weighted by min(SNR(t), 5) and the importance weight of the mixed
-noise, exp(-|m|^2 / 2D) / exp(-|z|^2 / 2D) with m the effective noise of x_t. Generator: pseudo-Huber
-(c = 1e-3) between x0_s and sg(x0_s + x0_teacher_cfg(w) - x0_fake), divided by mean|x0_s - x0_teacher_cfg|.
-TTUR by learning-rate ratio (critic 5x), Adam betas (0, 0.95). Sampling-steps-aware: each iteration trains
-the grid of a random step count K' in 1..K (the interval after the last step reaches clean data), so one
-student samples with 1 to K deterministic steps, each on its own saved time list.
+noise, exp(-|m|^2 / 2D) / exp(-|z|^2 / 2D) with m the effective noise of x_t (or, as an option, exact denoising
+score matching on the fresh-noise kernel). Generator: pseudo-Huber between x0_s and
+sg(x0_s + x0_teacher_cfg(w) - x0_fake), divided by mean|x0_s - x0_teacher_cfg|. TTUR by learning-rate ratio
+(critic 5x), Adam betas (0, 0.95).
+
+Sampling-steps-aware (the paper's TDM-unify): every sample draws its step count K' in 1..K, trains on the
+grid of K' (whose last interval reaches clean data) and both the student and the fake score take K' as an
+input (a zero-initialised step-count embedding, so both start as the teacher); one student then samples with
+1 to K deterministic steps, each on its own saved time list, told the step count by the sampler engine.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from fewstep.diffusion.processes import expand_like
 from fewstep.errors import FewstepError
-from fewstep.methods.base import Batch, StepContext, register_method
+from fewstep.methods.base import Batch, Role, StepContext, register_method
 from fewstep.methods.dmd import FakeScoreConfig, FakeScoreMethod
 
 INTERVALS = ("step", "max")
@@ -37,11 +41,16 @@ class TDMConfig(FakeScoreConfig):
     critic_beta1: float = 0.0
     beta2: float = 0.95
     steps_aware: bool = True  # train the grids of every step count 1..K (one student serves 1 to K steps)
+    # with steps_aware: student and fake score take the step count as an input (TDM-unify). None: wherever the
+    # network family has that input (the built-in mlp and unet); diffusers networks go without, since stock
+    # pipelines could not pass it to an exported student
+    steps_embed: bool | None = None
+    step_weights: list[float] | None = None  # probabilities of the step counts 1..K when steps_aware (default uniform)
     random_mid: bool = False  # draw the interval's lower end in [t_{k+1}, t_k) (TDM's randmid regulariser)
     interval: str = "step"  # fresh-noise time in (t_mid, t_k) ("step") or (t_mid, t_max) ("max")
     snr_cap: float = 5.0  # fake-score weight min(SNR(t), snr_cap)
     importance_weight: bool = True  # weight the fake score's loss by the mixed noise's importance weight
-    huber_c: float = 1e-3  # generator's pseudo-Huber c
+    huber_c: float = 1e-3  # generator's pseudo-Huber c (per element): linear beyond |x0_s - target| >> c
     margin: float = 0.01  # keep noise times this far (fraction of the time range) inside the interval
     fake_target: str = "x0"  # x0 (TDM: x0 regression, min-SNR and importance weights) | state (exact DSM)
 
@@ -50,7 +59,7 @@ class TDMConfig(FakeScoreConfig):
 class TDM(FakeScoreMethod):
     config_class = TDMConfig
     description = ("TDM (Luo et al. 2025): trajectory distribution matching of a deterministic K-step student "
-                   "(default 4), steps-aware (1..K), TTUR by learning-rate ratio")
+                   "(default 4), sampling-steps-aware (1..K, step count as an input), TTUR by learning-rate ratio")
 
     def __init__(self, teacher, config=None, *, guidance: float = 1.0):
         super().__init__(teacher, config, guidance=guidance)
@@ -68,6 +77,36 @@ class TDM(FakeScoreMethod):
         self.grids = {k: self.gen_times}
         if c.steps_aware:
             self.grids.update({j: self.step_times(j) for j in range(1, k)})
+        self.counts = sorted(self.grids)
+        probs = torch.ones(len(self.counts), dtype=torch.float64)
+        if c.step_weights is not None:
+            probs = torch.as_tensor([float(w) for w in c.step_weights], dtype=torch.float64)
+            if len(probs) != len(self.counts) or bool(torch.any(probs < 0)) or float(probs.sum()) <= 0:
+                raise FewstepError(f"step_weights needs {len(self.counts)} non-negative numbers (step counts "
+                                   f"{self.counts}) with a positive sum, got {c.step_weights}")
+        self.count_cdf = torch.cumsum(probs / probs.sum(), 0)
+        embeddable = hasattr(teacher.net, "config") and not hasattr(teacher.net, "derive")
+        wanted = embeddable if c.steps_embed is None else bool(c.steps_embed)
+        self.embed_steps = bool(c.steps_aware and wanted and len(self.counts) > 1)
+        if self.embed_steps and not embeddable:
+            raise FewstepError("steps_embed needs a built-in network family (mlp, unet) to add the step-count input; "
+                               "set steps_embed=false")
+        # (len(counts), K + 1) time table: row j is the grid of counts[j] then the process' clean end, padded
+        table = torch.full((len(self.counts), k + 1), float(teacher.process.t_min), dtype=torch.float64)
+        for j, n in enumerate(self.counts):
+            table[j, :n] = self.grids[n]
+        self.time_table = table
+
+    def networks(self) -> dict[str, Role]:
+        c = self.config
+        # the paper's TDM-unify: the step count goes into the student and the fake score (zero-initialised)
+        extra = {"steps_embed": True} if self.embed_steps else {}
+        return {
+            "teacher": Role(self.teacher),
+            "student": Role(self.student_from_teacher(**extra), trainable=True, betas=(c.student_beta1, c.beta2)),
+            "fake_score": Role(self.student_from_teacher(**extra), trainable=True, lr_scale=c.fake_lr_scale,
+                               betas=(c.critic_beta1, c.beta2)),
+        }
 
     def student_meta(self) -> dict:
         k = len(self.gen_times)
@@ -76,19 +115,35 @@ class TDM(FakeScoreMethod):
 
     # -- the trajectory ---------------------------------------------------------------------------------
     def trajectory_point(self, student, batch: Batch, ctx: StepContext):
-        """(x_{t_k}, t_k, t_low): a state of the student's own deterministic path on the grid of a random step
-        count, the step k drawn per sample; t_low is the next grid time (the process' clean end after the last)."""
-        proc = self.teacher.process
-        counts = sorted(self.grids)
-        n_steps = counts[int(ctx.randint(0, len(counts), 1))] if len(counts) > 1 else counts[0]
-        times = self.grids[n_steps]
-        shape = (batch.size, *self.teacher.data_shape)
-        noise = ctx.randn(shape) * float(proc.prior_std(times[0]))
-        k = ctx.randint(0, n_steps, batch.size)
-        states = self.rollout(student, noise, times, batch.cond, ctx, int(k.max()), renoise="deterministic")
-        x_k = torch.stack(states)[k.to(ctx.device), torch.arange(batch.size, device=ctx.device)]
-        ends = torch.cat([times, torch.tensor([float(proc.t_min)], dtype=times.dtype)])
-        return x_k, times[k], ends[k + 1]
+        """(x_{t_k}, t_k, t_low, n): a state of the student's own deterministic path on the grid of each sample's
+        step count n (drawn per sample from `step_weights` when steps_aware), the step k drawn uniformly per
+        sample; t_low is the next grid time (the process' clean end after the last). n is None when the student
+        does not take the step count as an input."""
+        proc, b = self.teacher.process, batch.size
+        shape = (b, *self.teacher.data_shape)
+        row = torch.zeros(b, dtype=torch.long)
+        if len(self.counts) > 1:
+            row = torch.searchsorted(self.count_cdf, ctx.rand(b)).clamp(max=len(self.counts) - 1)
+        n = torch.as_tensor(self.counts, dtype=torch.long)[row]
+        grid = self.time_table[row]  # (b, K + 1)
+        noise = ctx.randn(shape)
+        noise = noise * self._col(proc.prior_std(grid[:, 0]), noise)
+        k = (ctx.rand(b) * n).long().clamp(max=n - 1)
+        steps = n.to(ctx.device) if self.embed_steps else None
+        x = noise
+        with torch.no_grad():
+            for j in range(int(k.max())):
+                t, t_next = grid[:, j], grid[:, j + 1]
+                x0 = student(x, t.to(ctx.device, torch.float32), batch.cond, steps=steps).float()
+                eps = (x - self._col(proc.alpha(t), x) * x0) / self._col(proc.sigma(t).clamp_min(1e-12), x)
+                x_next = self._col(proc.alpha(t_next), x) * x0 + self._col(proc.sigma(t_next), x) * eps
+                x = torch.where(self._col((j < k).double(), x) > 0, x_next, x)
+        idx = torch.arange(b)
+        return x, grid[idx, k], grid[idx, k + 1], steps
+
+    @staticmethod
+    def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return expand_like(v.float().to(like.device), like)
 
     def diffuse(self, x0_s: torch.Tensor, x_k: torch.Tensor, t_k: torch.Tensor, t_low: torch.Tensor,
                 ctx: StepContext) -> dict:
@@ -115,7 +170,7 @@ class TDM(FakeScoreMethod):
         x0 = x0_s.detach().float()
 
         def col(v):
-            return expand_like(v.float().to(x0.device), x0)
+            return self._col(v, x0)
 
         eps_s = (x_k.float() - col(a_k) * x0) / col(s_k)
         x_mid = col(a_m) * x0 + col(s_m) * eps_s
@@ -147,7 +202,7 @@ class TDM(FakeScoreMethod):
         x_t = d["x_t"]
 
         def col(v):
-            return expand_like(v.float().to(x_t.device), x_t)
+            return self._col(v, x_t)
 
         score_units = col(d["beta"] ** 2 / d["sigma_t"] ** 2)
         mid_fake = (x_t + score_units * (col(d["alpha_t"]) * fake_x0 - x_t)) / col(d["ratio"])
@@ -159,22 +214,30 @@ class TDM(FakeScoreMethod):
         r = self.teacher.process.ratio(t.double())
         return (1.0 / (r * r)).clamp(max=self.config.snr_cap).float().to(t.device)
 
+    def real_minus_fake(self, nets, x_t: torch.Tensor, t: torch.Tensor, cond, steps=None):
+        """Under no_grad: (x0_real - x0_fake, x0_real) at x_t, the real score guided with the run's --guidance,
+        the fake score unguided and told the step count (its distribution at t depends on it)."""
+        with torch.no_grad():
+            real = nets["teacher"](x_t, t, cond, self.guidance).float()
+            fake = nets["fake_score"](x_t, t, cond, steps=steps).float()
+        return real - fake, real
+
     # -- the loss of each phase ---------------------------------------------------------------------------
     def loss(self, phase, batch, nets, ctx):
         c = self.config
         if phase == "critic":
             with torch.no_grad():
-                x_k, t_k, t_low = self.trajectory_point(nets["student"], batch, ctx)
-                x0_s = nets["student"](x_k, t_k.to(ctx.device, torch.float32), batch.cond).float()
+                x_k, t_k, t_low, steps = self.trajectory_point(nets["student"], batch, ctx)
+                x0_s = nets["student"](x_k, t_k.to(ctx.device, torch.float32), batch.cond, steps=steps).float()
                 d = self.diffuse(x0_s, x_k, t_k, t_low, ctx)
-            fake = nets["fake_score"](d["x_t"], d["t"], batch.cond).float()
+            fake = nets["fake_score"](d["x_t"], d["t"], batch.cond, steps=steps).float()
             loss = self.fake_score_loss(fake, x0_s, d).mean()
             return {"loss": loss, "fake": loss.detach(), "is_weight": d["weight"].mean()}
-        x_k, t_k, t_low = self.trajectory_point(nets["student"], batch, ctx)
-        x0_s = nets["student"](x_k, t_k.to(ctx.device, torch.float32), batch.cond).float()
+        x_k, t_k, t_low, steps = self.trajectory_point(nets["student"], batch, ctx)
+        x0_s = nets["student"](x_k, t_k.to(ctx.device, torch.float32), batch.cond, steps=steps).float()
         d = self.diffuse(x0_s, x_k, t_k, t_low, ctx)
         x_t, t = d["x_t"], d["t"]
-        gap, real = self.real_minus_fake(nets, x_t, t, batch.cond)  # x0_teacher_cfg - x0_fake
+        gap, real = self.real_minus_fake(nets, x_t, t, batch.cond, steps=steps)  # x0_teacher_cfg - x0_fake
         target = (x0_s.detach() + gap).detach()
         huber = torch.sqrt((x0_s - target).pow(2) + c.huber_c ** 2) - c.huber_c
         if c.normalize:

@@ -105,9 +105,16 @@ class Denoiser(nn.Module):
         cfg = self.net.config() if hasattr(self.net, "config") else {}
         return bool(cfg.get("guidance_embed", False))
 
+    @property
+    def steps_embedded(self) -> bool:
+        """True when the network takes the sampling step count as an input (TDM's sampling-steps-aware students)."""
+        cfg = self.net.config() if hasattr(self.net, "config") else {}
+        return bool(cfg.get("steps_embed", False))
+
     # -- evaluation ----------------------------------------------------------------------------
-    def raw(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=None) -> torch.Tensor:
-        """The network's native prediction (no CFG; `guidance` only reaches guidance-embedded networks)."""
+    def raw(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=None, steps=None) -> torch.Tensor:
+        """The network's native prediction (no CFG; `guidance` only reaches guidance-embedded networks and
+        `steps`, the sampling step count (an int or a (B,) tensor), only step-count-embedded ones)."""
         t = as_time(t, x_t)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
@@ -115,19 +122,24 @@ class Denoiser(nn.Module):
             cond = self.null_condition(x_t.shape[0], x_t.device)
         # time stays at least fp32 (bf16 would round t * 1000 to a few units before the embedding)
         t = t.to(torch.promote_types(x_t.dtype, torch.float32))
+        extra = {}
+        if steps is not None and self.steps_embedded:
+            extra["steps"] = torch.as_tensor(steps, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         if self.guidance_embedded:
             w = torch.ones(()) if guidance is None else torch.as_tensor(guidance, dtype=torch.float32)
-            return self.net(x_t, t, cond, guidance=w.to(x_t.device).expand(x_t.shape[0]))
-        return self.net(x_t, t, cond)
+            return self.net(x_t, t, cond, guidance=w.to(x_t.device).expand(x_t.shape[0]), **extra)
+        return self.net(x_t, t, cond, **extra)
 
-    def forward(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0, kind: str = "x0") -> torch.Tensor:
-        """Guided x0 estimate (or prediction `kind`). `guidance` is a float or a (B,) tensor (1 = no guidance).
+    def forward(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0, kind: str = "x0",
+                steps=None) -> torch.Tensor:
+        """Guided x0 estimate (or prediction `kind`). `guidance` is a float or a (B,) tensor (1 = no guidance);
+        `steps` the sampling step count for step-count-embedded networks (ignored by others).
 
         Methods call trained networks through here (not `predict`) so that DDP/FSDP wrappers see the call.
         """
-        return self.predict(x_t, t, cond, guidance, kind=kind)
+        return self.predict(x_t, t, cond, guidance, kind=kind, steps=steps)
 
-    def predict(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0, kind: str = "x0"):
+    def predict(self, x_t: torch.Tensor, t, cond: Cond = None, guidance=1.0, kind: str = "x0", steps=None):
         """Guided prediction of any type (x0, eps, v, flow, trigflow) in this process."""
         t = as_time(t, x_t)
         if t.ndim == 0:
@@ -138,13 +150,15 @@ class Denoiser(nn.Module):
             or (not isinstance(guidance, torch.Tensor) and float(guidance) == 1.0)
         )
         if self.guidance_embedded:
-            out = self.raw(x_t, t, cond, guidance)
+            out = self.raw(x_t, t, cond, guidance, steps=steps)
         elif unguided:
-            out = self.raw(x_t, t, cond)
+            out = self.raw(x_t, t, cond, steps=steps)
         else:
             b = x_t.shape[0]
             null = self.null_condition(b, x_t.device)
-            both = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds(cond, null))
+            if steps is not None and torch.as_tensor(steps).ndim > 0:
+                steps = torch.cat([torch.as_tensor(steps), torch.as_tensor(steps)])
+            both = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds(cond, null), steps=steps)
             c, u = both[:b], both[b:]
             w = guidance if isinstance(guidance, torch.Tensor) else torch.tensor(float(guidance))
             out = u + expand_like(w, c) * (c - u)

@@ -30,7 +30,7 @@ class TimeClassEmbedding(nn.Module):
     """
 
     def __init__(self, dim: int, time_scale: float = 1000.0, num_classes: int | None = None, freq_dim: int = 128,
-                 guidance_embed: bool = False):
+                 guidance_embed: bool = False, steps_embed: bool = False):
         super().__init__()
         self.time_scale = float(time_scale)
         self.freq_dim = freq_dim
@@ -44,9 +44,16 @@ class TimeClassEmbedding(nn.Module):
             self.guidance_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
             nn.init.zeros_(self.guidance_mlp[2].weight)
             nn.init.zeros_(self.guidance_mlp[2].bias)
+        # A sampling-step-count input (TDM's sampling-steps-aware students, Luo et al. 2025): MLP(sinusoidal(K)),
+        # zero-initialised likewise; a call without a step count adds nothing.
+        self.steps_mlp = None
+        if steps_embed:
+            self.steps_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+            nn.init.zeros_(self.steps_mlp[2].weight)
+            nn.init.zeros_(self.steps_mlp[2].bias)
 
     def forward(self, t: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> torch.Tensor:
         # Scale in fp32 (or fp64): t * 1000 in bf16 would round the time to a few units.
         t = t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t.to(torch.float32)
         feats = sinusoidal_embedding(t * self.time_scale, self.freq_dim)
@@ -62,4 +69,7 @@ class TimeClassEmbedding(nn.Module):
                 guidance = torch.ones(t.shape[0], device=t.device)
             g = torch.as_tensor(guidance, device=t.device, dtype=torch.float32).expand(t.shape[0])
             emb = emb + self.guidance_mlp(sinusoidal_embedding(g * 100.0, self.freq_dim).to(w.dtype))
+        if self.steps_mlp is not None and steps is not None:
+            k = torch.as_tensor(steps, device=t.device, dtype=torch.float32).expand(t.shape[0])
+            emb = emb + self.steps_mlp(sinusoidal_embedding(k * 100.0, self.freq_dim).to(w.dtype))
         return emb.to(dtype)

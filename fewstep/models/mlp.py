@@ -25,20 +25,23 @@ class MLPNet(nn.Module):
     """net(x, t, labels) for x of shape (B, dim): residual MLP blocks conditioned on emb(t, label)."""
 
     def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, time_scale: float = 1000.0,
-                 num_classes: int | None = None, guidance_embed: bool = False):
+                 num_classes: int | None = None, guidance_embed: bool = False, steps_embed: bool = False):
         super().__init__()
         self._config = {"type": "mlp", "dim": dim, "width": width, "depth": depth, "time_scale": time_scale,
                         "num_classes": num_classes}
         if guidance_embed:
             self._config["guidance_embed"] = True
-        self.embed = TimeClassEmbedding(width, time_scale, num_classes, guidance_embed=guidance_embed)
+        if steps_embed:
+            self._config["steps_embed"] = True
+        self.embed = TimeClassEmbedding(width, time_scale, num_classes, guidance_embed=guidance_embed,
+                                        steps_embed=steps_embed)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualMLPBlock(width) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
 
-    def forward(self, x, t, cond=None, guidance=None):
-        emb = torch.nn.functional.silu(self.embed(t, cond, x.dtype, guidance))
+    def forward(self, x, t, cond=None, guidance=None, steps=None):
+        emb = torch.nn.functional.silu(self.embed(t, cond, x.dtype, guidance, steps))
         h = self.inp(x)
         for blk in self.blocks:
             h = blk(h, emb)

@@ -60,7 +60,7 @@ class UNetNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, base: int = 32, mults=(1, 2), num_res: int = 1, heads: int = 1,
                  time_scale: float = 1000.0, num_classes: int | None = None, dropout: float = 0.0,
-                 guidance_embed: bool = False):
+                 guidance_embed: bool = False, steps_embed: bool = False):
         super().__init__()
         mults = tuple(int(m) for m in mults)
         self._config = {"type": "unet", "in_channels": in_channels, "base": base, "mults": list(mults),
@@ -68,8 +68,11 @@ class UNetNet(nn.Module):
                         "dropout": dropout}
         if guidance_embed:
             self._config["guidance_embed"] = True
+        if steps_embed:
+            self._config["steps_embed"] = True
         emb_dim = 4 * base
-        self.embed = TimeClassEmbedding(emb_dim, time_scale, num_classes, guidance_embed=guidance_embed)
+        self.embed = TimeClassEmbedding(emb_dim, time_scale, num_classes, guidance_embed=guidance_embed,
+                                        steps_embed=steps_embed)
         self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
         chans = [base]
         ch = base
@@ -96,8 +99,8 @@ class UNetNet(nn.Module):
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
-    def forward(self, x, t, cond=None, guidance=None):
-        emb = F.silu(self.embed(t, cond, x.dtype, guidance))
+    def forward(self, x, t, cond=None, guidance=None, steps=None):
+        emb = F.silu(self.embed(t, cond, x.dtype, guidance, steps))
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

@@ -274,10 +274,12 @@ def sample_fewstep(
     if seeds is not None and len(seeds) != noise.shape[0]:
         raise FewstepError(f"got {len(seeds)} seeds for a batch of {noise.shape[0]} samples")
     alpha, sigma = process.alpha(ts).tolist(), process.sigma(ts).tolist()
+    # students that take the step count as an input (TDM's sampling-steps-aware ones) are told n
+    steps_kw = {"steps": n} if getattr(denoiser, "steps_embedded", False) else {}
     x = noise * float(process.prior_std(ts[0]))
     xs, x0s = [], []
     for i in range(n):
-        x0 = denoiser(x, _model_time(ts, i, x), cond, guidance).to(x.dtype)
+        x0 = denoiser(x, _model_time(ts, i, x), cond, guidance, **steps_kw).to(x.dtype)
         if capture:
             xs.append(x)
             x0s.append(x0)

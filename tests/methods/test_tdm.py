@@ -33,6 +33,10 @@ def test_defaults_follow_the_paper():
     roles = m.networks()
     assert roles["fake_score"].lr_scale == 5.0 and roles["student"].betas == (0.0, 0.95)
     assert not roles["teacher"].trainable
+    # TDM-unify: the student and the fake score take the step count as an input; the teacher does not
+    assert c.steps_aware and c.steps_embed is None and m.embed_steps and c.fake_target == "x0" and c.interval == "step"
+    assert roles["student"].module.steps_embedded and roles["fake_score"].module.steps_embedded
+    assert not roles["teacher"].module.steps_embedded
     meta = m.student_meta()
     assert meta["default_renoise"] == "deterministic" and meta["default_steps"] == 4
     assert set(meta["timesteps"]) == {"1", "2", "3", "4"} and meta["timesteps"]["2"] == [1.0, 0.5]
@@ -46,9 +50,10 @@ def test_trajectory_points_lie_on_the_students_deterministic_sampling_path():
     m = tdm(teacher, steps_aware=False)
     student = m.networks()["student"].module.eval()
     c1, c2 = ctx(4), ctx(4)
-    x_k, t_k, t_low = m.trajectory_point(student, Batch(size=64), c1)
+    x_k, t_k, t_low, steps = m.trajectory_point(student, Batch(size=64), c1)
+    assert steps is None  # a 4-step-only student takes no step count
     noise = c2.randn((64, 2))  # the same draws as inside trajectory_point: noise, then the steps
-    k = c2.randint(0, 4, 64)
+    k = (c2.rand(64) * 4).long()
     with torch.no_grad():
         path = sample_fewstep(student, noise, m.gen_times, renoise="deterministic", capture=True)
     expected = path.xs[k, torch.arange(64)]
@@ -105,8 +110,8 @@ def test_generator_moves_x0_toward_the_guided_teacher_and_away_from_the_fake():
     gaps = {}
     orig = m.real_minus_fake
 
-    def spy(nets_, x_t, t, cond_):
-        gap, real = orig(nets_, x_t, t, cond_)
+    def spy(nets_, x_t, t, cond_, steps=None):
+        gap, real = orig(nets_, x_t, t, cond_, steps=steps)
         gaps["gap"] = gap
         # the real score is the teacher guided at w = 2: cond + (w - 1)(cond - uncond)
         with torch.no_grad():
@@ -117,7 +122,7 @@ def test_generator_moves_x0_toward_the_guided_teacher_and_away_from_the_fake():
     m.real_minus_fake = spy
 
     class Fixed(torch.nn.Module):
-        def forward(self, x, t, cond=None, guidance=1.0):
+        def forward(self, x, t, cond=None, guidance=1.0, steps=None):
             return x0_s
 
     nets["student"] = Fixed()
@@ -133,10 +138,12 @@ def test_steps_aware_training_uses_every_step_count():
     student = m.networks()["student"].module
     seen = set()
     c = ctx(0)
-    for _ in range(40):
-        x_k, t_k, t_low = m.trajectory_point(student, Batch(size=4), c)
-        seen.add(round(float((t_k - t_low).max()), 3))  # interval lengths: 1, 0.5, 1/3, 0.25
-    assert {1.0, 0.5, 0.333, 0.25} <= seen
+    for _ in range(10):
+        x_k, t_k, t_low, steps = m.trajectory_point(student, Batch(size=16), c)
+        # each sample's interval is one of its own step count's grid: length 1 / n
+        assert torch.allclose((t_k - t_low).float(), 1.0 / steps.float(), atol=1e-6)
+        seen.update(steps.tolist())
+    assert seen == {1, 2, 3, 4}
     with pytest.raises(FewstepError, match="steps_aware=false"):
         tdm(timesteps=[1.0, 0.5])
     with pytest.raises(FewstepError, match="unknown interval"):
@@ -163,3 +170,66 @@ def test_student_samples_deterministically_on_its_saved_grids(tmp_path):
 
 def test_resume_is_bit_exact(tmp_path, resume_matches):
     resume_matches(tmp_path, method="tdm", **FAST)
+
+
+def test_steps_aware_points_lie_on_each_step_counts_own_path():
+    """With steps_aware, a sample with step count n sits at step k of the n-step deterministic path that
+    `fewstep sample --steps n` takes (its own saved grid, the student told n)."""
+    m = tdm()
+    student = m.networks()["student"].module.eval()
+    torch.nn.init.normal_(student.net.embed.steps_mlp[2].weight, std=0.3)  # step counts change the output
+    x_k, t_k, t_low, steps = m.trajectory_point(student, Batch(size=64), ctx(5))
+    g = ctx(5)
+    g.rand(64)  # the step counts
+    noise = g.randn((64, 2))
+    k = (g.rand(64) * steps).long()
+    for n in (1, 2, 3, 4):
+        sel = steps == n
+        with torch.no_grad():
+            path = sample_fewstep(student, noise[sel], m.grids[n], renoise="deterministic", capture=True)
+        assert torch.allclose(x_k[sel], path.xs[k[sel], torch.arange(int(sel.sum()))], atol=1e-5)
+        grid = m.grids[n].tolist() + [0.0]
+        assert t_k[sel].tolist() == [grid[i] for i in k[sel]] and t_low[sel].tolist() == [grid[i + 1] for i in k[sel]]
+
+
+def test_step_weights_choose_the_step_counts():
+    m = tdm(step_weights=[0, 0, 1, 3])
+    student = m.networks()["student"].module
+    _, _, _, steps = m.trajectory_point(student, Batch(size=400), ctx(0))
+    counts = torch.bincount(steps, minlength=5).tolist()
+    assert counts[1] == counts[2] == 0 and 60 < counts[3] < 140 and counts[3] + counts[4] == 400
+    with pytest.raises(FewstepError, match="step_weights needs 4"):
+        tdm(step_weights=[1, 1])
+    assert not tdm(steps_embed=False).networks()["student"].module.steps_embedded
+
+
+def test_fake_score_is_told_the_step_count():
+    """The fake score sees the sample's step count (its distribution at a time differs between step counts)."""
+    m = tdm()
+    roles = m.networks()
+    nets = {k: r.module for k, r in roles.items()}
+    calls = []
+    fake = nets["fake_score"]
+    orig = fake.forward
+
+    def spy(x, t, cond=None, guidance=1.0, kind="x0", steps=None):
+        calls.append(steps)
+        return orig(x, t, cond, guidance, kind=kind, steps=steps)
+
+    fake.forward = spy
+    for phase in ("critic", "generator"):
+        m.loss(phase, Batch(size=32), nets, ctx(1))
+    assert len(calls) == 2 and all(s is not None and s.shape == (32,) for s in calls)
+    assert set(calls[0].tolist()) <= {1, 2, 3, 4} and len(set(calls[0].tolist())) > 1
+
+
+def test_diffusers_students_go_without_the_step_count_input(tmp_path):
+    """Stock diffusers pipelines cannot pass a step count, so by default a diffusers teacher's TDM student has
+    no such input (it still trains every step count's grid); asking for one is a one-line error."""
+    from fewstep.teachers.random_pipelines import save_random_pipeline
+
+    teacher = load_teacher(str(save_random_pipeline("sdxl", tmp_path / "sdxl")))
+    m = tdm(teacher)
+    assert not m.embed_steps and m.counts == [1, 2, 3, 4]
+    with pytest.raises(FewstepError, match="steps_embed needs a built-in network family"):
+        tdm(teacher, steps_embed=True)

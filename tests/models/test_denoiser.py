@@ -289,3 +289,27 @@ def test_time_reaches_the_network_in_at_least_fp32():
     torch.testing.assert_close(seen["t"], torch.tensor([0.5012, 0.2503]))
     den.raw(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0.5, 0.25], dtype=torch.float64))
     assert seen["dtype"] == torch.float64
+
+
+def test_step_count_reaches_only_step_count_embedded_networks_and_both_cfg_branches():
+    """`steps` goes to networks built with steps_embed (through the conditional and unconditional halves of a
+    CFG call, per sample), and is ignored by others."""
+    from fewstep.diffusion import RectifiedFlow
+    from fewstep.models.mlp import MLPNet
+
+    torch.manual_seed(0)
+    net = MLPNet(dim=2, width=16, depth=2, num_classes=3, steps_embed=True)
+    torch.nn.init.normal_(net.embed.steps_mlp[2].weight, std=0.5)
+    den = Denoiser(net, RectifiedFlow(), "flow", cond_kind="class", num_classes=3)
+    plain = Denoiser(MLPNet(dim=2, width=16, depth=2, num_classes=3), RectifiedFlow(), "flow", cond_kind="class",
+                     num_classes=3)
+    assert den.steps_embedded and not plain.steps_embedded
+    x, t, y = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, 2, 0])
+    assert torch.equal(plain(x, t, y, steps=3), plain(x, t, y))
+    ks = torch.tensor([1, 2, 3, 4])
+    guided = den(x, t, y, guidance=2.0, steps=ks)
+    c = to_x0(net(x, t, y, steps=ks.float()), x, t, den.process, "flow")
+    u = to_x0(net(x, t, torch.full((4,), 3), steps=ks.float()), x, t, den.process, "flow")
+    torch.testing.assert_close(guided, u + 2.0 * (c - u))
+    assert not torch.allclose(den(x, t, y, steps=1), den(x, t, y, steps=4))
+    torch.testing.assert_close(den(x, t, y, steps=2), den(x, t, y, steps=torch.full((4,), 2)))

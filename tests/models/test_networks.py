@@ -161,3 +161,29 @@ def test_unet_forward_mode_jvp_through_attention():
     h = 1e-5
     fd_t = (net(x, t + h, labels) - net(x, t - h, labels)) / (2 * h)
     torch.testing.assert_close(tangent - tangent_x, fd_t, rtol=2e-2, atol=2e-2 * fd_t.abs().max().item())
+
+
+@pytest.mark.parametrize("make", [lambda **kw: MLPNet(dim=2, width=16, depth=2, num_classes=3, **kw),
+                                  lambda **kw: small_unet(**kw)], ids=["mlp", "unet"])
+def test_step_count_input_starts_at_zero_and_then_separates_step_counts(make):
+    """steps_embed (TDM's sampling-steps-aware students): the new input is zero-initialised, so a network with
+    the base weights gives the base output for every step count (and without one); once trained, step counts
+    differ. The flag is in the config, so the network is rebuilt with it."""
+    torch.manual_seed(0)
+    base = make()
+    net = make(steps_embed=True)
+    assert net.config()["steps_embed"] is True and "steps_embed" not in base.config()
+    missing, unexpected = net.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all("steps_mlp" in k for k in missing)
+    x = torch.randn(4, 2) if isinstance(base, MLPNet) else torch.randn(4, 1, 8, 8)
+    t, y = torch.rand(4), torch.tensor([0, 1, 2, 1])
+    ref = base(x, t, y)
+    for k in (None, torch.full((4,), 1.0), torch.tensor([1.0, 2.0, 3.0, 4.0])):
+        assert torch.equal(net(x, t, y, steps=k), ref)
+    torch.nn.init.normal_(net.embed.steps_mlp[2].weight, std=0.5)
+    one, four = net(x, t, y, steps=torch.full((4,), 1.0)), net(x, t, y, steps=torch.full((4,), 4.0))
+    assert not torch.allclose(one, four, atol=1e-4)
+    assert torch.equal(net(x, t, y), ref)  # no step count: the base path
+    again = build_network(net.config())
+    again.load_state_dict(net.state_dict())
+    assert torch.equal(again(x, t, y, steps=torch.full((4,), 4.0)), four)

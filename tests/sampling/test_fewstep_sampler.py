@@ -114,3 +114,25 @@ def test_bad_arguments_raise():
         sample_fewstep(den, NOISE, [1.0, 0.5], seeds=[1, 2, 3])
     with pytest.raises(FewstepError, match="decreasing"):
         sample_fewstep(den, NOISE, [0.5, 1.0])
+
+
+def test_step_count_embedded_students_are_told_the_step_count():
+    """sample_fewstep passes n (the length of the time list) to students that take a step count."""
+    from fewstep.models.mlp import MLPNet
+
+    seen = []
+
+    class Spy(MLPNet):
+        def forward(self, x, t, cond=None, guidance=None, steps=None):
+            seen.append(None if steps is None else steps.tolist())
+            return super().forward(x, t, cond, guidance, steps)
+
+    den = Denoiser(Spy(dim=2, width=8, depth=1, steps_embed=True), RectifiedFlow(), "flow")
+    for ts in ([1.0, 0.5], [1.0, 2 / 3, 1 / 3], [1.0]):
+        seen.clear()
+        sample_fewstep(den, torch.randn(3, 2), ts, renoise="deterministic")
+        assert seen == [[float(len(ts))] * 3] * len(ts)
+    plain = Denoiser(Spy(dim=2, width=8, depth=1), RectifiedFlow(), "flow")
+    seen.clear()
+    sample_fewstep(plain, torch.randn(3, 2), [1.0, 0.5])
+    assert seen == [None, None]
