@@ -45,7 +45,9 @@ class TDMConfig(FakeScoreConfig):
     # network family has that input (the built-in mlp and unet); diffusers networks go without, since stock
     # pipelines could not pass it to an exported student
     steps_embed: bool | None = None
-    step_weights: list[float] | None = None  # probabilities of the step counts 1..K when steps_aware (default uniform)
+    # how often each step count 1..K is trained when steps_aware: "uniform", "linear" (in proportion to the count,
+    # so every (step count, step) pair is seen equally often) or K non-negative numbers
+    step_weights: str | list[float] = "uniform"
     random_mid: bool = False  # draw the interval's lower end in [t_{k+1}, t_k) (TDM's randmid regulariser)
     interval: str = "step"  # fresh-noise time in (t_mid, t_k) ("step") or (t_mid, t_max) ("max")
     snr_cap: float = 5.0  # fake-score weight min(SNR(t), snr_cap)
@@ -78,12 +80,18 @@ class TDM(FakeScoreMethod):
         if c.steps_aware:
             self.grids.update({j: self.step_times(j) for j in range(1, k)})
         self.counts = sorted(self.grids)
-        probs = torch.ones(len(self.counts), dtype=torch.float64)
-        if c.step_weights is not None:
-            probs = torch.as_tensor([float(w) for w in c.step_weights], dtype=torch.float64)
+        weights = c.step_weights
+        if weights is None or weights == "uniform":
+            probs = torch.ones(len(self.counts), dtype=torch.float64)
+        elif weights == "linear":
+            probs = torch.as_tensor(self.counts, dtype=torch.float64)
+        elif isinstance(weights, str):
+            raise FewstepError(f"step_weights is uniform, linear or a list of numbers, got {weights!r}")
+        else:
+            probs = torch.as_tensor([float(w) for w in weights], dtype=torch.float64)
             if len(probs) != len(self.counts) or bool(torch.any(probs < 0)) or float(probs.sum()) <= 0:
                 raise FewstepError(f"step_weights needs {len(self.counts)} non-negative numbers (step counts "
-                                   f"{self.counts}) with a positive sum, got {c.step_weights}")
+                                   f"{self.counts}) with a positive sum, got {weights}")
         self.count_cdf = torch.cumsum(probs / probs.sum(), 0)
         embeddable = hasattr(teacher.net, "config") and not hasattr(teacher.net, "derive")
         wanted = embeddable if c.steps_embed is None else bool(c.steps_embed)
@@ -123,7 +131,7 @@ class TDM(FakeScoreMethod):
         shape = (b, *self.teacher.data_shape)
         row = torch.zeros(b, dtype=torch.long)
         if len(self.counts) > 1:
-            row = torch.searchsorted(self.count_cdf, ctx.rand(b)).clamp(max=len(self.counts) - 1)
+            row = torch.searchsorted(self.count_cdf, ctx.rand(b), right=True).clamp(max=len(self.counts) - 1)
         n = torch.as_tensor(self.counts, dtype=torch.long)[row]
         grid = self.time_table[row]  # (b, K + 1)
         noise = ctx.randn(shape)

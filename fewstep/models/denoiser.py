@@ -156,8 +156,9 @@ class Denoiser(nn.Module):
         else:
             b = x_t.shape[0]
             null = self.null_condition(b, x_t.device)
-            if steps is not None and torch.as_tensor(steps).ndim > 0:
-                steps = torch.cat([torch.as_tensor(steps), torch.as_tensor(steps)])
+            if steps is not None and torch.as_tensor(steps).ndim > 0:  # (B,) or (1,): one per sample, both halves
+                steps = torch.as_tensor(steps).expand(b)
+                steps = torch.cat([steps, steps])
             both = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds(cond, null), steps=steps)
             c, u = both[:b], both[b:]
             w = guidance if isinstance(guidance, torch.Tensor) else torch.tensor(float(guidance))

@@ -108,18 +108,28 @@ def _model_time(ts: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
     return ts[i].to(torch.promote_types(x.dtype, torch.float32)).expand(x.shape[0])
 
 
+def step_count_kwargs(denoiser, n: int) -> dict:
+    """{"steps": n} for students that take the sampling step count as an input (TDM's sampling-steps-aware
+    ones), else {}: every call of an n-step sampler (Heun's corrector included) tells them n."""
+    from fewstep.models.trigflow import unwrap_model
+
+    return {"steps": int(n)} if getattr(unwrap_model(denoiser), "steps_embedded", False) else {}
+
+
 class _FlowModel:
     """The Denoiser seen from flow coordinates: (x_model, x0_hat, eps_hat) at schedule index i."""
 
-    def __init__(self, denoiser, ts: torch.Tensor, cond, guidance, model_dtype: torch.dtype):
+    def __init__(self, denoiser, ts: torch.Tensor, cond, guidance, model_dtype: torch.dtype, steps_kw=None):
         self.denoiser, self.ts = denoiser, ts
         self.s = flow_time(denoiser.process, ts).tolist()
         self.c = flow_scale(denoiser.process, ts).tolist()
         self.cond, self.guidance, self.model_dtype = cond, guidance, model_dtype
+        self.steps_kw = steps_kw or {}  # the sampler's step count, for step-count-embedded students
 
     def __call__(self, x_f: torch.Tensor, i: int):
         x_m = (x_f * self.c[i]).to(self.model_dtype)
-        x0 = self.denoiser(x_m, _model_time(self.ts, i, x_m), self.cond, self.guidance).to(x_f.dtype)
+        x0 = self.denoiser(x_m, _model_time(self.ts, i, x_m), self.cond, self.guidance,
+                           **self.steps_kw).to(x_f.dtype)
         s = self.s[i]
         eps = (x_f - (1.0 - s) * x0) / s
         return x_m, x0, eps
@@ -151,7 +161,7 @@ def sample(
     if solver == "fewstep":
         return sample_fewstep(denoiser, noise, ts, cond=cond, guidance=guidance, renoise=renoise, seeds=seeds,
                               capture=capture)
-    model = _FlowModel(denoiser, ts, cond, guidance, noise.dtype)
+    model = _FlowModel(denoiser, ts, cond, guidance, noise.dtype, step_count_kwargs(denoiser, ts.numel()))
     work = torch.promote_types(noise.dtype, torch.float32)
     x_f = noise.to(work) * (float(process.prior_std(ts[0])) / model.c[0])
     xs, x0s = ([], []) if capture else (None, None)
@@ -275,7 +285,7 @@ def sample_fewstep(
         raise FewstepError(f"got {len(seeds)} seeds for a batch of {noise.shape[0]} samples")
     alpha, sigma = process.alpha(ts).tolist(), process.sigma(ts).tolist()
     # students that take the step count as an input (TDM's sampling-steps-aware ones) are told n
-    steps_kw = {"steps": n} if getattr(denoiser, "steps_embedded", False) else {}
+    steps_kw = step_count_kwargs(denoiser, n)
     x = noise * float(process.prior_std(ts[0]))
     xs, x0s = [], []
     for i in range(n):

@@ -77,10 +77,11 @@ RECIPES: dict[tuple[str, str], dict] = {
                           "options": {"pair_num": 10000, "pair_steps": 32}},
     # TDM: fresh noise up to the top of the time range (interval=max) and pseudo-Huber c=0.03 (the paper's 1e-3
     # is per element on SD latents; on these small teachers it turns the update into a sign and stalls them);
-    # digits trains the step counts in proportion to their steps, so every (step count, step) is seen equally
+    # digits trains the step counts in proportion to their steps (linear), so every (step count, step) is
+    # seen equally often
     ("tdm", "2d"): {"iters": 3000, "batch_size": 256, "lr": 1e-4, "options": {"interval": "max", "huber_c": 0.03}},
     ("tdm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5,
-                       "options": {"interval": "max", "huber_c": 0.03, "step_weights": [1, 2, 3, 4]}},
+                       "options": {"interval": "max", "huber_c": 0.03, "step_weights": "linear"}},
     # diffusers text-to-image teachers: starting points from the papers (LCM-LoRA: rank 64, lr 1e-4; the student
     # learns the teacher at a fixed CFG scale, without a guidance input, so the LoRA file is all it needs)
     ("cd", "text2image"): {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64},

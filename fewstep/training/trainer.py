@@ -462,7 +462,15 @@ class Trainer:
 
         for name, role in self.roles.items():
             if role.trainable or role.ema_of:
-                role.module.load_state_dict(part(f"net.{name}."))
+                saved, own = part(f"net.{name}."), set(role.module.state_dict())
+                missing, extra = sorted(own - set(saved)), sorted(set(saved) - own)
+                if missing or extra:  # a checkpoint from other options or an older version: say which keys
+                    hint = (" (a TDM run from before the step-count input: add `steps_embed: false` under "
+                            "options in its config.yaml)" if any("steps_mlp" in k for k in missing) else "")
+                    raise FewstepError(f"{str(path)!r} does not fit this run's {name!r} network: missing "
+                                       f"{missing[:3]}, unexpected {extra[:3]}; resume with the options it was "
+                                       f"written with{hint}")
+                role.module.load_state_dict(saved)
         if self.ema is not None:
             self.ema.load_state_dict(part("ema.student."))
         for name, opt in self.opts.items():

@@ -158,6 +158,7 @@ def test_student_samples_deterministically_on_its_saved_grids(tmp_path):
     from fewstep.sampling import sampler_settings
 
     student = api.load_model(run)
+    assert student.steps_embedded  # the reloaded student keeps its step-count input
     for steps, grid in ((4, [1.0, 0.75, 0.5, 0.25]), (2, [1.0, 0.5]), (1, [1.0])):
         assert sampler_settings(student, steps=steps).timesteps.tolist() == grid
         a = api.sample(str(run), num=32, steps=steps, seed=1)
@@ -201,6 +202,21 @@ def test_step_weights_choose_the_step_counts():
     with pytest.raises(FewstepError, match="step_weights needs 4"):
         tdm(step_weights=[1, 1])
     assert not tdm(steps_embed=False).networks()["student"].module.steps_embedded
+    # "linear": in proportion to the step count (each (step count, step) pair equally often)
+    assert torch.allclose(tdm(step_weights="linear").count_cdf, torch.tensor([0.1, 0.3, 0.6, 1.0], dtype=torch.float64))
+    with pytest.raises(FewstepError, match="uniform, linear or a list"):
+        tdm(step_weights="cubic")
+    # a zero weight is never drawn
+    _, _, _, steps = tdm(step_weights=[1, 0, 0, 0]).trajectory_point(student, Batch(size=200), ctx(3))
+    assert set(steps.tolist()) == {1}
+
+
+def test_the_image_recipe_works_with_any_step_count(tmp_path):
+    """The digits recipe's step weights follow the step count the user asks for."""
+    for opts in ({"steps": 2}, {"steps_aware": False}, {"timesteps": [999.0, 499.0], "steps_aware": False}):
+        res = distill(method="tdm", teacher="digits", out=str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"),
+                      iters=1, batch_size=4, eval=False, sample_every=0, warmup=1, options=opts)
+        assert res["finished"]
 
 
 def test_fake_score_is_told_the_step_count():
@@ -217,10 +233,22 @@ def test_fake_score_is_told_the_step_count():
         return orig(x, t, cond, guidance, kind=kind, steps=steps)
 
     fake.forward = spy
+    student_calls = []
+    student = nets["student"]
+    orig_student = student.forward
+
+    def spy_student(x, t, cond=None, guidance=1.0, kind="x0", steps=None):
+        student_calls.append(steps)
+        return orig_student(x, t, cond, guidance, kind=kind, steps=steps)
+
+    student.forward = spy_student
     for phase in ("critic", "generator"):
         m.loss(phase, Batch(size=32), nets, ctx(1))
     assert len(calls) == 2 and all(s is not None and s.shape == (32,) for s in calls)
     assert set(calls[0].tolist()) <= {1, 2, 3, 4} and len(set(calls[0].tolist())) > 1
+    # the student is told the same step counts, in its rollout and in the call that is trained
+    assert student_calls and all(s is not None and s.shape == (32,) for s in student_calls)
+    assert torch.equal(student_calls[-1], calls[-1])
 
 
 def test_diffusers_students_go_without_the_step_count_input(tmp_path):
@@ -233,3 +261,22 @@ def test_diffusers_students_go_without_the_step_count_input(tmp_path):
     assert not m.embed_steps and m.counts == [1, 2, 3, 4]
     with pytest.raises(FewstepError, match="steps_embed needs a built-in network family"):
         tdm(teacher, steps_embed=True)
+
+
+def test_resuming_a_run_from_before_the_step_count_input_says_how(tmp_path):
+    """A checkpoint whose networks lack the step-count input (a TDM run from before it) does not fit the
+    default networks: one line naming the keys and the option that resumes it."""
+    import yaml
+
+    run = tmp_path / "run"
+    distill(method="tdm", out=str(run), iters=4, stop_after=2, checkpoint_every=2,
+            options={"steps_embed": False}, **FAST)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["options"].pop("steps_embed")  # as written by the version without the option
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(FewstepError, match=r"does not fit this run's 'student' network: missing \[.*steps_mlp.*"
+                                           r"add `steps_embed: false` under options"):
+        distill(out=str(run), resume=True)
+    cfg["options"]["steps_embed"] = False  # what the message says
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert distill(out=str(run), resume=True)["finished"]

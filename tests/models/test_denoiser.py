@@ -313,3 +313,6 @@ def test_step_count_reaches_only_step_count_embedded_networks_and_both_cfg_branc
     torch.testing.assert_close(guided, u + 2.0 * (c - u))
     assert not torch.allclose(den(x, t, y, steps=1), den(x, t, y, steps=4))
     torch.testing.assert_close(den(x, t, y, steps=2), den(x, t, y, steps=torch.full((4,), 2)))
+    # a one-element step count tensor is every sample's, in both CFG halves too
+    torch.testing.assert_close(den(x, t, y, guidance=2.0, steps=torch.tensor([3])),
+                               den(x, t, y, guidance=2.0, steps=3))

@@ -136,3 +136,35 @@ def test_step_count_embedded_students_are_told_the_step_count():
     seen.clear()
     sample_fewstep(plain, torch.randn(3, 2), [1.0, 0.5])
     assert seen == [None, None]
+
+
+def test_ode_solvers_tell_step_count_embedded_students_the_step_count():
+    """Euler on a time list is the deterministic few-step path for any student, step-count input included:
+    every call of an n-step ODE sampler (Heun's corrector too) passes n."""
+    from fewstep.models.mlp import MLPNet
+    from fewstep.sampling import sample
+
+    torch.manual_seed(0)
+    net = MLPNet(dim=2, width=16, depth=2, steps_embed=True)
+    torch.nn.init.normal_(net.embed.steps_mlp[2].weight, std=0.5)  # the step count changes the output
+    den = Denoiser(net, RectifiedFlow(), "flow", data_shape=(2,))
+    noise = torch.randn(6, 2)
+    ts = [1.0, 0.5]
+    with torch.no_grad():
+        det = sample_fewstep(den, noise, ts, renoise="deterministic")
+        euler = sample(den, noise, timesteps=ts, solver="euler")
+        told_3 = den(noise, torch.ones(6), steps=3)
+        told_2 = den(noise, torch.ones(6), steps=2)
+    assert not torch.allclose(told_2, told_3, atol=1e-3)
+    torch.testing.assert_close(euler, det, atol=1e-5, rtol=1e-5)
+    seen = []
+    orig = net.forward
+
+    def spy(x, t, cond=None, guidance=None, steps=None):
+        seen.append(None if steps is None else set(steps.tolist()))
+        return orig(x, t, cond, guidance, steps)
+
+    net.forward = spy
+    with torch.no_grad():
+        sample(den, noise, timesteps=[1.0, 2 / 3, 1 / 3], solver="heun")
+    assert len(seen) == 5 and all(s == {3.0} for s in seen)  # 3 predictions + 2 corrector calls
