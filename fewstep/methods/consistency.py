@@ -21,7 +21,7 @@ import torch
 
 from fewstep.diffusion.processes import EDM, VPDiscrete
 from fewstep.diffusion.timesteps import SPACINGS, sampling_timesteps
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext, register_method
 from fewstep.sampling.solvers import ODE_SOLVERS, ode_solve
 
@@ -70,16 +70,11 @@ class ConsistencyDistillation(DistillMethod):
     def __init__(self, teacher, config=None, *, guidance: float = 1.0):
         super().__init__(teacher, config, guidance=guidance)
         c = self.config
-        if c.solver not in ODE_SOLVERS:
-            raise FewstepError(f"unknown solver {c.solver!r}; allowed: {', '.join(ODE_SOLVERS)}")
-        if c.loss not in LOSSES:
-            raise FewstepError(f"unknown loss {c.loss!r}; allowed: {', '.join(LOSSES)}")
-        if c.target not in TARGETS:
-            raise FewstepError(f"unknown target {c.target!r}; allowed: {', '.join(TARGETS)}")
-        if c.spacing != "auto" and c.spacing not in SPACINGS:
-            raise FewstepError(f"unknown spacing {c.spacing!r}; allowed: auto, {', '.join(SPACINGS)}")
-        if c.boundary not in BOUNDARIES:
-            raise FewstepError(f"unknown boundary {c.boundary!r}; allowed: {', '.join(BOUNDARIES)}")
+        check_choice("solver", c.solver, ODE_SOLVERS)
+        check_choice("loss", c.loss, LOSSES)
+        check_choice("target", c.target, TARGETS)
+        check_choice("spacing", c.spacing, ("auto", *SPACINGS))
+        check_choice("boundary", c.boundary, BOUNDARIES)
         if c.num_timesteps < 1 or not 1 <= c.skip <= c.num_timesteps:
             raise FewstepError(f"need num_timesteps >= 1 and 1 <= skip <= num_timesteps, got "
                                f"{c.num_timesteps} and {c.skip}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from fewstep.diffusion.predictions import prediction_coeffs
 from fewstep.diffusion.processes import expand_like
 from fewstep.diffusion.timesteps import SPACINGS, sampling_timesteps
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext, register_method
 from fewstep.sampling.solvers import ODE_SOLVERS, resolve_timesteps
 
@@ -95,8 +95,7 @@ class FakeScoreMethod(DistillMethod):
         if c.timesteps is not None:
             ts = resolve_timesteps(teacher.process, timesteps=c.timesteps)
         else:
-            if c.spacing not in SPACINGS:
-                raise FewstepError(f"unknown spacing {c.spacing!r}; allowed: {', '.join(SPACINGS)}")
+            check_choice("spacing", c.spacing, SPACINGS)
             if int(c.steps) < 1:
                 raise FewstepError(f"steps must be >= 1, got {c.steps}")
             ts = self.step_times(int(c.steps))
@@ -203,8 +202,8 @@ class DistributionMatching(FakeScoreMethod):
         if c.regression_weight > 0 and len(self.gen_times) > 1:
             raise FewstepError("the regression loss (DMD) is for one-step generators; use steps=1 or "
                                "regression_weight=0")
-        if c.regression_solver is not None and c.regression_solver not in ODE_SOLVERS:
-            raise FewstepError(f"unknown regression_solver {c.regression_solver!r}; allowed: {', '.join(ODE_SOLVERS)}")
+        if c.regression_solver is not None:
+            check_choice("regression_solver", c.regression_solver, ODE_SOLVERS)
         self.pairs = None
 
     # -- setup ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from fewstep.diffusion.processes import RectifiedFlow, convert_time
 from fewstep.diffusion.timesteps import SPACINGS, sample_timesteps
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 from fewstep.methods.base import DistillMethod, MethodConfig, Phase, Role, RunContext, register_method
 from fewstep.sampling.pairs import (
     MANIFEST,
@@ -92,11 +92,11 @@ class Reflow(DistillMethod):
                      "straightness_num", "straightness_steps"):
             v = getattr(c, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
-        need(c.pair_solver in ODE_SOLVERS, f"unknown pair_solver {c.pair_solver!r}; allowed: {', '.join(ODE_SOLVERS)}")
-        need(c.pair_spacing in SPACINGS, f"unknown pair_spacing {c.pair_spacing!r}; allowed: {', '.join(SPACINGS)}")
-        need(c.time_dist in TIME_DISTS, f"unknown time_dist {c.time_dist!r}; allowed: {', '.join(TIME_DISTS)}")
-        need(c.loss in LOSSES, f"unknown loss {c.loss!r}; allowed: {', '.join(LOSSES)}")
-        need(c.loss_weight in WEIGHTS, f"unknown loss_weight {c.loss_weight!r}; allowed: {', '.join(WEIGHTS)}")
+        check_choice("pair_solver", c.pair_solver, ODE_SOLVERS)
+        check_choice("pair_spacing", c.pair_spacing, SPACINGS)
+        check_choice("time_dist", c.time_dist, TIME_DISTS)
+        check_choice("loss", c.loss, LOSSES)
+        check_choice("loss_weight", c.loss_weight, WEIGHTS)
         need(0 < c.s_min < 0.5, f"s_min must be in (0, 0.5), got {c.s_min!r}")
         need(c.u_shape_a > 0, f"u_shape_a must be > 0, got {c.u_shape_a!r}")
         need(c.huber_c is None or c.huber_c > 0, f"huber_c must be > 0, got {c.huber_c!r}")

@@ -32,7 +32,7 @@ from torch import nn
 
 from fewstep.diffusion.processes import TrigFlow, expand_like
 from fewstep.diffusion.timesteps import sample_timesteps
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext, register_method
 from fewstep.models.embeddings import sinusoidal_embedding
 from fewstep.models.jvp import JVP, JVP_BACKENDS, default_fd_step
@@ -91,13 +91,12 @@ def scm_tangent(F_minus: torch.Tensor, dF_dt: torch.Tensor, x_t: torch.Tensor, d
 def normalize_tangent(g: torch.Tensor, kind: str = "rms", c: float = 0.1) -> torch.Tensor:
     """Tangent normalisation g / (||g|| + c) per sample (Lu & Song 2024); "rms" uses ||g|| / sqrt(D), the
     size-invariant norm of their reference code, "l2" the plain norm, "none" leaves g alone."""
+    check_choice("tangent_norm", kind, TANGENT_NORMS)
     if kind == "none":
         return g
     norm = g.flatten(1).norm(dim=1)
     if kind == "rms":
         norm = norm / math.sqrt(g[0].numel())
-    elif kind != "l2":
-        raise FewstepError(f"unknown tangent_norm {kind!r}; allowed: {', '.join(TANGENT_NORMS)}")
     return g / expand_like(norm + c, g)
 
 
@@ -114,8 +113,7 @@ class ContinuousConsistency(DistillMethod):
         for name, value, allowed in (("mode", c.mode, MODES), ("time_dist", c.time_dist, TIME_DISTS),
                                      ("tangent_norm", c.tangent_norm, TANGENT_NORMS),
                                      ("weighting", c.weighting, WEIGHTINGS), ("jvp", c.jvp, JVP_BACKENDS)):
-            if value not in allowed:
-                raise FewstepError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+            check_choice(name, value, allowed)
         if not c.sigma_d > 0:
             raise FewstepError(f"sigma_d must be > 0, got {c.sigma_d}")
         if not c.p_std > 0:

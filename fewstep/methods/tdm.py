@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.diffusion.processes import expand_like
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 from fewstep.methods.base import Batch, Role, StepContext, register_method
 from fewstep.methods.dmd import FakeScoreConfig, FakeScoreMethod
 
@@ -66,10 +66,8 @@ class TDM(FakeScoreMethod):
     def __init__(self, teacher, config=None, *, guidance: float = 1.0):
         super().__init__(teacher, config, guidance=guidance)
         c = self.config
-        if c.interval not in INTERVALS:
-            raise FewstepError(f"unknown interval {c.interval!r}; allowed: {', '.join(INTERVALS)}")
-        if c.fake_target not in FAKE_TARGETS:
-            raise FewstepError(f"unknown fake_target {c.fake_target!r}; allowed: {', '.join(FAKE_TARGETS)}")
+        check_choice("interval", c.interval, INTERVALS)
+        check_choice("fake_target", c.fake_target, FAKE_TARGETS)
         if c.timesteps is not None and c.steps_aware:
             raise FewstepError("explicit timesteps fix the step count: set steps_aware=false with them")
         if not 0.0 <= c.margin < 0.5 or c.huber_c <= 0 or c.snr_cap <= 0:
