@@ -285,10 +285,8 @@ def denoiser_from_pipeline(pipe, source: str, *, resolution=None, name: str | No
 def load_diffusers_denoiser(directory: str | Path, cfg: dict, device="cpu") -> Denoiser:
     """A student saved by `save_denoiser` from a diffusers teacher: its base pipeline (from the recorded
     source) with the saved LoRA adapter or full weights (safetensors) on top."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from fewstep.diffusion.processes import process_from_config
+    from fewstep.models.io import load_weights
 
     directory = Path(directory)
     net_cfg, den_cfg, meta = cfg["network"], cfg["denoiser"], cfg.get("meta", {})
@@ -314,16 +312,7 @@ def load_diffusers_denoiser(directory: str | Path, cfg: dict, device="cpu") -> D
         net.role, net.guidance_embed = "full", guidance
     else:
         net = teacher.net
-    weights = directory / "model.safetensors"
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise FewstepError(f"cannot read weights {str(weights)!r}: {e}") from None
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise FewstepError(f"weights in {str(weights)!r} do not match the student network: "
-                           f"{str(e).splitlines()[0]}") from None
+    load_weights(net, directory / "model.safetensors", "the student network")
     den = Denoiser(net.requires_grad_(False), process_from_config(den_cfg["process"]), den_cfg["prediction"],
                    cond_kind="text", null_cond=teacher._null_cond, data_shape=den_cfg.get("data_shape"),
                    meta=meta, boundary=den_cfg.get("boundary"))

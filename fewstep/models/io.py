@@ -60,11 +60,24 @@ def read_config(directory: str | Path) -> dict:
     return cfg
 
 
-def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> Denoiser:
-    """Rebuild a Denoiser saved by `save_denoiser` (safetensors only; no pickle)."""
+def load_weights(net: torch.nn.Module, weights: Path, what: str, device: str | torch.device = "cpu") -> None:
+    """Load a safetensors file into `net` (strict; no pickle): unreadable weights, or weights that do not fit
+    `what` (e.g. "the student network"), are one-line errors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise FewstepError(f"cannot read weights {str(weights)!r}: {e}") from None
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise FewstepError(f"weights in {str(weights)!r} do not match {what}: {str(e).splitlines()[0]}") from None
+
+
+def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> Denoiser:
+    """Rebuild a Denoiser saved by `save_denoiser` (safetensors only; no pickle)."""
     directory = Path(directory)
     cfg = read_config(directory)
     if cfg["network"].get("type") == "diffusers":  # a student of a diffusers teacher: weights over its pipeline
@@ -75,15 +88,7 @@ def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> 
     if not weights.is_file():
         raise FewstepError(f"{str(weights)!r} not found")
     net = build_network(cfg["network"])
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise FewstepError(f"cannot read weights {str(weights)!r}: {e}") from None
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise FewstepError(f"weights in {str(weights)!r} do not match the network in {CONFIG}: "
-                           f"{str(e).splitlines()[0]}") from None
+    load_weights(net, weights, f"the network in {CONFIG}", device)
     d = cfg["denoiser"]
     try:
         den = Denoiser(
