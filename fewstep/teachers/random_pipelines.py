@@ -21,8 +21,9 @@ RANDOM_ARCHS = ("sd15", "sd2-v", "sdxl", "sd3")
 SIZES = ("tiny", "full")
 
 
-def letter_tokenizer(max_length: int):
-    """A CLIPTokenizer over single letters, letters ending a word (`</w>`) and one merge ("th</w>")."""
+def letter_tokenizer(max_length: int | None = None):
+    """A CLIPTokenizer over single letters, letters ending a word (`</w>`) and one merge ("th</w>");
+    `max_length` sets its model_max_length (None: the tokenizer's own default)."""
     from transformers import CLIPTokenizer
 
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -35,7 +36,8 @@ def letter_tokenizer(max_length: int):
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\nt h</w>\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=max_length)
+        extra = {} if max_length is None else {"model_max_length": max_length}
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), **extra)
 
 
 def _text_encoder(hidden: int, projection: int, layers: int, max_length: int, vocab: int, with_projection: bool):

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark():
-    path = ROOT / "benchmarks" / "diffusers_train.py"
-    spec = importlib.util.spec_from_file_location("diffusers_train_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import load_benchmark
 
 
 def test_variants_parse():
-    bench = load_benchmark()
+    bench = load_benchmark("diffusers_train")
     assert bench.parse_variant("lora64+ckpt+8bit") == {"lora_rank": 64, "gradient_checkpointing": True,
                                                        "optimizer": "adamw8bit", "name": "lora64+ckpt+8bit"}
     assert bench.parse_variant("full")["lora_rank"] == 0
@@ -32,7 +21,7 @@ def test_variants_parse():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_without_cuda_says_so_in_one_line(capsys, tmp_path):
     out = tmp_path / "r.json"
-    assert load_benchmark().main(["--out", str(out)]) == 1
+    assert load_benchmark("diffusers_train").main(["--out", str(out)]) == 1
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "CUDA is not available" in printed[0]
     assert not out.exists()
@@ -42,7 +31,8 @@ def test_cpu_smoke_writes_a_table_and_json(capsys, tmp_path):
     n = torch.get_num_threads()
     out = tmp_path / "r.json"
     try:
-        assert load_benchmark().main(["--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path)]) == 0
+        bench = load_benchmark("diffusers_train")
+        assert bench.main(["--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(n)
     res = json.loads(out.read_text())

@@ -1,21 +1,12 @@
 """benchmarks/quality.py runs a cell end to end and reports mode coverage beside the metric."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from support import load_benchmark
 
 
 def test_quality_cell_reports_coverage_and_ratios(tmp_path, capsys):
-    bench = _load()
+    bench = load_benchmark("quality")
     out = tmp_path / "q.json"
     bench.main(["--methods", "dmd2:update_ratio=1", "--teachers", "toy:gaussians8", "--iters", "2", "--eval-num",
                 "256", "--out", str(out)])

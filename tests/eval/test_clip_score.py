@@ -21,7 +21,9 @@ PROMPTS = ["a photo of a cat", "the digit three", "a red car", "th th th"]
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from fewstep.teachers.random_pipelines import letter_tokenizer
 
     root = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
@@ -34,16 +36,7 @@ def tiny_clip(tmp_path_factory):
         projection_dim=16)
     CLIPModel(cfg).save_pretrained(root)
     # hand-made byte-level BPE vocabulary: single letters, letters ending a word (</w>) and one merge
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in letters:
-        vocab[c] = len(vocab)
-    for c in letters:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["th</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\nt h</w>\n")
-    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt")).save_pretrained(root)
+    letter_tokenizer().save_pretrained(root)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
     return root
 

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from support import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("attention_jvp_benchmark", ROOT / "benchmarks" / "attention_jvp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_without_cuda_says_so_in_one_line(capsys, tmp_path):
     out = tmp_path / "r.json"
-    assert load_benchmark().main(["--out", str(out)]) == 1
+    assert load_benchmark("attention_jvp").main(["--out", str(out)]) == 1
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "CUDA is not available" in printed[0]
     assert not out.exists()
@@ -32,7 +23,7 @@ def test_without_cuda_says_so_in_one_line(capsys, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run")
 def test_cpu_smoke_writes_table_and_json(capsys, tmp_path):
     out = tmp_path / "r.json"
-    rc = load_benchmark().main(["--cpu-smoke", "--seq", "48", "--head-dims", "16", "--heads", "2",
+    rc = load_benchmark("attention_jvp").main(["--cpu-smoke", "--seq", "48", "--head-dims", "16", "--heads", "2",
                                 "--repeat", "1", "--dtype", "float32", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())

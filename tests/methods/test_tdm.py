@@ -224,24 +224,18 @@ def test_fake_score_is_told_the_step_count():
     m = tdm()
     roles = m.networks()
     nets = {k: r.module for k, r in roles.items()}
-    calls = []
-    fake = nets["fake_score"]
-    orig = fake.forward
 
-    def spy(x, t, cond=None, guidance=1.0, kind="x0", steps=None):
-        calls.append(steps)
-        return orig(x, t, cond, guidance, kind=kind, steps=steps)
+    def record_steps(module):  # the step counts each call of the module is given
+        seen, orig = [], module.forward
 
-    fake.forward = spy
-    student_calls = []
-    student = nets["student"]
-    orig_student = student.forward
+        def spy(x, t, cond=None, guidance=1.0, kind="x0", steps=None):
+            seen.append(steps)
+            return orig(x, t, cond, guidance, kind=kind, steps=steps)
 
-    def spy_student(x, t, cond=None, guidance=1.0, kind="x0", steps=None):
-        student_calls.append(steps)
-        return orig_student(x, t, cond, guidance, kind=kind, steps=steps)
+        module.forward = spy
+        return seen
 
-    student.forward = spy_student
+    calls, student_calls = record_steps(nets["fake_score"]), record_steps(nets["student"])
     for phase in ("critic", "generator"):
         m.loss(phase, Batch(size=32), nets, ctx(1))
     assert len(calls) == 2 and all(s is not None and s.shape == (32,) for s in calls)
