@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 from fewstep.outputs import ensure_new_path, load_samples, save_samples
 
 
@@ -70,10 +70,10 @@ def sample(
     _check_positive("--batch-size", batch_size)
     if guidance is not None and guidance < 0:
         raise FewstepError(f"--guidance must be >= 0, got {guidance}")
-    if solver is not None and solver not in SOLVERS:
-        raise FewstepError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
-    if spacing is not None and spacing not in SPACINGS:
-        raise FewstepError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if solver is not None:
+        check_choice("solver", solver, SOLVERS)
+    if spacing is not None:
+        check_choice("spacing", spacing, SPACINGS)
     if renoise is not None and renoise not in RENOISE:
         raise FewstepError(f"unknown renoise {renoise!r}; allowed: {', '.join(RENOISE)}")
     if prompt is not None and prompts is not None:

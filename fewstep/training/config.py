@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 
 EMA_TYPES = ("none", "fixed", "power")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -160,13 +160,11 @@ def validate(cfg: DistillConfig) -> None:
         need(v is None or (isinstance(v, int) and v >= 1), f"--{name.replace('_', '-')} must be an integer >= 1, "
                                                            f"got {v!r}")
     need(cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
-    need(cfg.ema in EMA_TYPES, f"unknown --ema {cfg.ema!r}; allowed: {', '.join(EMA_TYPES)}")
+    check_choice("--ema", cfg.ema, EMA_TYPES)
     need(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    need(cfg.mixed_precision in PRECISIONS,
-         f"unknown --mixed-precision {cfg.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}")
-    need(cfg.device in DEVICES, f"unknown --device {cfg.device!r}; allowed: {', '.join(DEVICES)}")
-    need(cfg.lr_schedule in LR_SCHEDULES,
-         f"unknown --lr-schedule {cfg.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+    check_choice("--mixed-precision", cfg.mixed_precision, PRECISIONS)
+    check_choice("--device", cfg.device, DEVICES)
+    check_choice("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
     for name in ("warmup", "log_every", "sample_every", "checkpoint_every"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
@@ -180,7 +178,7 @@ def validate(cfg: DistillConfig) -> None:
     need(cfg.lora_rank is None or (isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0),
          f"--lora-rank must be an integer >= 0 (0 = full fine-tuning), got {cfg.lora_rank!r}")
     need(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
-    need(cfg.optimizer in OPTIMIZERS, f"unknown --optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    check_choice("--optimizer", cfg.optimizer, OPTIMIZERS)
     if cfg.resolution is not None:
         from fewstep.models.diffusers_pipeline import parse_resolution
 
