@@ -91,11 +91,11 @@ def test_diffuse_keeps_the_marginal_and_weights_non_gaussian_noise_down():
     assert torch.all((t >= 0.01) & (t < 0.25)) and torch.allclose(w, torch.ones(b), atol=1e-6)
 
 
-def _fitted_fake_slope(m, target, t_val, c=0.25, b=200_000):
+def _fitted_fake_slope(target, t_val, c=0.25, b=200_000):
     """1-D Gaussian first step (t_k = 1, t_mid = 0.75): x0_s = c z is fully coupled with the student's noise
     eps_s = z. Fit a linear fake score x0_fake = w x_t by minimising the fake-score loss of `target` at one
     time t, and return the implied score slope (alpha_t w - 1) / sigma_t^2 with the true one, -1 / Var(x_t)."""
-    m.config.fake_target = target
+    m = tdm(steps_aware=False, fake_target=target)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(b, 1, generator=g)
     x0_s = c * z  # the student input at t = 1 is z itself, so its implied eps is z
@@ -126,13 +126,12 @@ def test_state_target_gives_the_exact_score_where_the_x0_target_is_biased():
     """TDM's x0 regression reads E[x0_s | x_t] as a score as if x_t were x0_s plus independent Gaussian noise;
     on an intermediate step the student's re-noise couples the two, so the learnt score is off. Denoising
     score matching on the fresh-noise kernel ("state") gives the exact score of the diffused states."""
-    m = tdm(steps_aware=False)
     for c in (0.25, 0.5):
-        got, true = _fitted_fake_slope(m, "state", 0.8, c=c)
+        got, true = _fitted_fake_slope("state", 0.8, c=c)
         assert got == pytest.approx(true, rel=0.01)
         # x0: the fake looks narrower than the student's states are (4.7% and 9.4% steeper), so the generator
         # is pushed to spread them too far
-        biased, _ = _fitted_fake_slope(m, "x0", 0.8, c=c)
+        biased, _ = _fitted_fake_slope("x0", 0.8, c=c)
         assert biased < 1.03 * true
 
 
