@@ -20,6 +20,7 @@ input (a zero-initialised step-count embedding, so both start as the teacher); o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ class TDMConfig(FakeScoreConfig):
     # pipelines could not pass it to an exported student
     steps_embed: bool | None = None
     # how often each step count 1..K is trained when steps_aware: "uniform", "linear" (in proportion to the count,
-    # so every (step count, step) pair is seen equally often) or K non-negative numbers
+    # so every (step count, step) pair is seen equally often), "full:W" (the K-step grid W times as often as each
+    # smaller count, whatever K) or K non-negative numbers
     step_weights: str | list[float] = "uniform"
     random_mid: bool = False  # draw the interval's lower end in [t_{k+1}, t_k) (TDM's randmid regulariser)
     interval: str = "step"  # fresh-noise time in (t_mid, t_k) ("step") or (t_mid, t_max) ("max")
@@ -85,8 +87,17 @@ class TDM(FakeScoreMethod):
             probs = torch.ones(len(self.counts), dtype=torch.float64)
         elif weights == "linear":
             probs = torch.as_tensor(self.counts, dtype=torch.float64)
+        elif isinstance(weights, str) and weights.startswith("full:"):
+            try:
+                full = float(weights[len("full:"):])
+            except ValueError:
+                full = -1.0
+            if not (math.isfinite(full) and full > 0):
+                raise FewstepError(f"step_weights full:W needs a positive number W, got {weights!r}")
+            probs = torch.ones(len(self.counts), dtype=torch.float64)
+            probs[-1] = full
         elif isinstance(weights, str):
-            raise FewstepError(f"step_weights is uniform, linear or a list of numbers, got {weights!r}")
+            raise FewstepError(f"step_weights is uniform, linear, full:W or a list of numbers, got {weights!r}")
         else:
             probs = torch.as_tensor([float(w) for w in weights], dtype=torch.float64)
             if len(probs) != len(self.counts) or bool(torch.any(probs < 0)) or float(probs.sum()) <= 0:

@@ -248,8 +248,14 @@ def test_step_weights_choose_the_step_counts():
     assert not tdm(steps_embed=False).networks()["student"].module.steps_embedded
     # "linear": in proportion to the step count (each (step count, step) pair equally often)
     assert torch.allclose(tdm(step_weights="linear").count_cdf, torch.tensor([0.1, 0.3, 0.6, 1.0], dtype=torch.float64))
-    with pytest.raises(FewstepError, match="uniform, linear or a list"):
+    with pytest.raises(FewstepError, match="uniform, linear, full:W or a list"):
         tdm(step_weights="cubic")
+    # "full:W": the K-step grid W times as often as each smaller count, for any K
+    assert torch.allclose(tdm(step_weights="full:9").count_cdf, torch.tensor([1, 2, 3, 12], dtype=torch.float64) / 12)
+    assert torch.allclose(tdm(step_weights="full:3", steps=2).count_cdf, torch.tensor([0.25, 1.0], dtype=torch.float64))
+    for bad in ("full:0", "full:x", "full:inf", "full:-1"):
+        with pytest.raises(FewstepError, match="full:W needs a positive number"):
+            tdm(step_weights=bad)
     # a zero weight is never drawn
     _, _, _, steps = tdm(step_weights=[1, 0, 0, 0]).trajectory_point(student, Batch(size=200), ctx(3))
     assert set(steps.tolist()) == {1}
