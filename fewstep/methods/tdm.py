@@ -29,6 +29,7 @@ from fewstep.diffusion.processes import expand_like
 from fewstep.errors import FewstepError, check_choice
 from fewstep.methods.base import Batch, Role, StepContext, register_method
 from fewstep.methods.dmd import FakeScoreConfig, FakeScoreMethod
+from fewstep.models.denoiser import select_conds
 
 INTERVALS = ("step", "max")
 FAKE_TARGETS = ("x0", "state")
@@ -149,14 +150,17 @@ class TDM(FakeScoreMethod):
         noise = noise * self._col(proc.prior_std(grid[:, 0]), noise)
         k = (ctx.rand(b) * n).long().clamp(max=n - 1)
         steps = n.to(ctx.device) if self.embed_steps else None
-        x = noise
+        x = noise.clone()
         with torch.no_grad():
-            for j in range(int(k.max())):
-                t, t_next = grid[:, j], grid[:, j + 1]
-                x0 = student(x, t.to(ctx.device, torch.float32), batch.cond, steps=steps).float()
-                eps = (x - self._col(proc.alpha(t), x) * x0) / self._col(proc.sigma(t).clamp_min(1e-12), x)
-                x_next = self._col(proc.alpha(t_next), x) * x0 + self._col(proc.sigma(t_next), x) * eps
-                x = torch.where(self._col((j < k).double(), x) > 0, x_next, x)
+            for j in range(int(k.max())):  # step j moves only the samples whose step k is still ahead
+                sel = torch.nonzero(k > j).squeeze(1)
+                t, t_next = grid[sel, j], grid[sel, j + 1]
+                xs = x[sel.to(x.device)]
+                x0 = student(xs, t.to(ctx.device, torch.float32), select_conds(batch.cond, sel),
+                             steps=None if steps is None else steps[sel.to(steps.device)]).float()
+                eps = (xs - self._col(proc.alpha(t), xs) * x0) / self._col(proc.sigma(t).clamp_min(1e-12), xs)
+                x[sel.to(x.device)] = (self._col(proc.alpha(t_next), xs) * x0
+                                       + self._col(proc.sigma(t_next), xs) * eps).to(x.dtype)
         idx = torch.arange(b)
         return x, grid[idx, k], grid[idx, k + 1], steps
 

@@ -41,6 +41,15 @@ def cat_conds(a: Cond, b: Cond) -> Cond:
     return torch.cat([a, b])
 
 
+def select_conds(cond: Cond, index: torch.Tensor) -> Cond:
+    """The rows `index` of a condition (tensors or dicts of tensors; None stays None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[index.to(v.device)] for k, v in cond.items()}
+    return cond[index.to(cond.device)]
+
+
 class Denoiser(nn.Module):
     """network + process + prediction type + conditioning, called as D(x_t, t, cond, guidance) -> x0.
 

@@ -166,8 +166,8 @@ def test_generator_moves_x0_toward_the_guided_teacher_and_away_from_the_fake():
     m.real_minus_fake = spy
 
     class Fixed(torch.nn.Module):
-        def forward(self, x, t, cond=None, guidance=1.0, steps=None):
-            return x0_s
+        def forward(self, x, t, cond=None, guidance=1.0, steps=None):  # the rollout calls it on fewer rows
+            return x0_s if x.shape[0] == 8 else x0_s[:x.shape[0]].detach()
 
     nets["student"] = Fixed()
     out = m.loss("generator", Batch(size=8, cond=cond), nets, ctx(1))
@@ -237,6 +237,38 @@ def test_steps_aware_points_lie_on_each_step_counts_own_path():
         assert t_k[sel].tolist() == [grid[i] for i in k[sel]] and t_low[sel].tolist() == [grid[i + 1] for i in k[sel]]
 
 
+def test_rollout_moves_only_the_samples_still_ahead_and_keeps_their_conditions():
+    """The rollout evaluates the student only on samples whose step k is still ahead; with class labels each
+    sample keeps its own label (its state is the labelled sampler's at step k)."""
+    from fewstep.models.denoiser import select_conds
+
+    teacher = load_teacher("digits")
+    m = tdm(teacher, steps_aware=False)
+    student = m.networks()["student"].module.eval()
+    labels = torch.arange(12) % 10
+    calls = []
+    net_forward = student.net.forward
+
+    def spy(x, t, *a, **kw):
+        calls.append(x.shape[0])
+        return net_forward(x, t, *a, **kw)
+
+    student.net.forward = spy
+    x_k, t_k, _, _ = m.trajectory_point(student, Batch(size=12, cond=labels), ctx(2))
+    student.net.forward = net_forward
+    g = ctx(2)
+    noise = g.randn((12, *teacher.data_shape))
+    k = (g.rand(12) * 4).long()
+    assert calls == [int((k > j).sum()) for j in range(int(k.max()))]  # not the whole batch every step
+    with torch.no_grad():
+        path = sample_fewstep(student, noise, m.gen_times, cond=labels, renoise="deterministic", capture=True)
+    assert torch.allclose(x_k, path.xs[k, torch.arange(12)], atol=1e-4)
+    idx = torch.tensor([2, 0])
+    assert select_conds(None, idx) is None and select_conds(labels, idx).tolist() == [2, 0]
+    picked = select_conds({"a": labels, "b": labels * 2}, idx)
+    assert picked["a"].tolist() == [2, 0] and picked["b"].tolist() == [4, 0]
+
+
 def test_step_weights_choose_the_step_counts():
     m = tdm(step_weights=[0, 0, 1, 3])
     student = m.networks()["student"].module
@@ -290,9 +322,11 @@ def test_fake_score_is_told_the_step_count():
         m.loss(phase, Batch(size=32), nets, ctx(1))
     assert len(calls) == 2 and all(s is not None and s.shape == (32,) for s in calls)
     assert set(calls[0].tolist()) <= {1, 2, 3, 4} and len(set(calls[0].tolist())) > 1
-    # the student is told the same step counts, in its rollout and in the call that is trained
-    assert student_calls and all(s is not None and s.shape == (32,) for s in student_calls)
-    assert torch.equal(student_calls[-1], calls[-1])
+    # the student is told the same step counts, in its rollout (only the samples still moving) and in the call
+    # that is trained
+    assert student_calls and all(s is not None and 0 < s.shape[0] <= 32 for s in student_calls)
+    assert student_calls[-1].shape == (32,) and torch.equal(student_calls[-1], calls[-1])
+    assert set(student_calls[0].tolist()) <= {2, 3, 4}  # a 1-step sample is never rolled forward
 
 
 def test_diffusers_students_go_without_the_step_count_input(tmp_path):
