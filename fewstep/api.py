@@ -63,7 +63,7 @@ def sample(
     Returns a JSON-able summary (and the tensors under the private keys "_samples", "_labels").
     """
     from fewstep.diffusion.timesteps import SPACINGS
-    from fewstep.sampling import RENOISE, SOLVERS, generate, sampler_settings
+    from fewstep.sampling import check_renoise, check_solver, generate, sampler_settings
 
     _check_positive("--num", num)
     _check_positive("--steps", steps)
@@ -71,11 +71,11 @@ def sample(
     if guidance is not None and guidance < 0:
         raise FewstepError(f"--guidance must be >= 0, got {guidance}")
     if solver is not None:
-        check_choice("solver", solver, SOLVERS)
+        check_solver(solver)
     if spacing is not None:
         check_choice("spacing", spacing, SPACINGS)
-    if renoise is not None and renoise not in RENOISE:
-        raise FewstepError(f"unknown renoise {renoise!r}; allowed: {', '.join(RENOISE)}")
+    if renoise is not None:
+        check_renoise(renoise)
     if prompt is not None and prompts is not None:
         raise FewstepError("give --prompt or --prompts, not both")
     if out is not None:
@@ -204,8 +204,7 @@ def pairs(teacher: str, out: str | Path, *, num: int, steps: int | None = None, 
     _check_positive("--steps", steps)
     _check_positive("--shard-size", shard_size)
     _check_positive("--batch-size", batch_size)
-    if spacing not in SPACINGS:
-        raise FewstepError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    check_choice("spacing", spacing, SPACINGS)
     if workers < 1 or not 0 <= worker < workers:
         raise FewstepError(f"need 0 <= --worker < --workers, got --worker {worker} --workers {workers}")
     den = load_model(teacher)

@@ -25,7 +25,7 @@ import torch
 
 from fewstep.diffusion.processes import NoiseProcess, as_time
 from fewstep.diffusion.timesteps import sampling_timesteps
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, check_choice
 from fewstep.sampling.seeds import noise_from_generators, renoise_for_seeds
 
 ODE_SOLVERS = ("euler", "heun", "dpm++2m")
@@ -61,14 +61,12 @@ def flow_scale(process: NoiseProcess, t) -> torch.Tensor:
 
 
 def check_solver(solver: str) -> str:
-    if solver not in SOLVERS:
-        raise FewstepError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
+    check_choice("solver", solver, SOLVERS)
     return solver
 
 
 def check_renoise(renoise: str) -> str:
-    if renoise not in RENOISE:
-        raise FewstepError(f"unknown renoise {renoise!r}; allowed: {', '.join(RENOISE)}")
+    check_choice("renoise", renoise, RENOISE)
     return renoise
 
 
