@@ -150,17 +150,17 @@ class TDM(FakeScoreMethod):
         noise = noise * self._col(proc.prior_std(grid[:, 0]), noise)
         k = (ctx.rand(b) * n).long().clamp(max=n - 1)
         steps = n.to(ctx.device) if self.embed_steps else None
-        x = noise.clone()
+        x = noise  # a fresh tensor: moved in place below
         with torch.no_grad():
             for j in range(int(k.max())):  # step j moves only the samples whose step k is still ahead
                 sel = torch.nonzero(k > j).squeeze(1)
+                rows = sel.to(x.device)
                 t, t_next = grid[sel, j], grid[sel, j + 1]
-                xs = x[sel.to(x.device)]
+                xs = x[rows]
                 x0 = student(xs, t.to(ctx.device, torch.float32), select_conds(batch.cond, sel),
-                             steps=None if steps is None else steps[sel.to(steps.device)]).float()
+                             steps=None if steps is None else steps[rows]).float()
                 eps = (xs - self._col(proc.alpha(t), xs) * x0) / self._col(proc.sigma(t).clamp_min(1e-12), xs)
-                x[sel.to(x.device)] = (self._col(proc.alpha(t_next), xs) * x0
-                                       + self._col(proc.sigma(t_next), xs) * eps).to(x.dtype)
+                x[rows] = (self._col(proc.alpha(t_next), xs) * x0 + self._col(proc.sigma(t_next), xs) * eps).to(x.dtype)
         idx = torch.arange(b)
         return x, grid[idx, k], grid[idx, k + 1], steps
 
