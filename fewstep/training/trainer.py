@@ -61,6 +61,27 @@ def _write_yaml(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(data, sort_keys=False)))
 
 
+def destroy_process_group() -> None:
+    """Tear down torch.distributed's default process group if one is up (a no-op otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+_exit_hook_registered = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Register (once) destroy_process_group to run at exit, while the interpreter is still alive: a process
+    that exits with its gloo group up can abort at finalization ("terminate called without an active
+    exception", SIGABRT), failing a finished run."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        import atexit
+
+        atexit.register(destroy_process_group)
+        _exit_hook_registered = True
+
+
 def _make_accelerator(cfg: DistillConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
@@ -72,6 +93,8 @@ def _make_accelerator(cfg: DistillConfig):
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=(PartialState().device.type == "cpu") != cpu)
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    if acc.num_processes > 1:
+        _destroy_process_group_at_exit()
     if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # checkpoints and EMAs read the unsharded modules: only replicated (DDP) training is supported so far
         raise FewstepError(f"accelerate is configured for {acc.distributed_type.name}; fewstep distill supports "

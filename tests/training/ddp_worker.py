@@ -35,6 +35,9 @@ def main(out: str) -> None:
     teacher = digest(tr.teacher.net)
     tr.train()
     tr.finish()
+    from fewstep.training import trainer
+
+    assert trainer._exit_hook_registered  # the gloo group is torn down at exit, while Python is alive
     Path(out, f"rank{tr.rank}.json").write_text(json.dumps({
         "world_size": tr.world, "student": digest(tr.student.net), "ema": digest(tr.ema.net),
         "teacher": teacher, "first_batch": hashlib.sha256(first.numpy().tobytes()).hexdigest()}))

@@ -237,6 +237,18 @@ def test_two_cpu_processes_hold_identical_weights(tmp_path):
         assert all(torch.equal(full[k], split[k]) for k in full)
 
 
+def test_destroy_process_group_tears_down_an_initialised_group():
+    import torch.distributed as dist
+
+    from fewstep.training.trainer import destroy_process_group
+
+    destroy_process_group()  # nothing initialised: a no-op
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.is_initialized()
+    destroy_process_group()
+    assert not dist.is_initialized()
+
+
 def test_default_run_is_cd_on_the_checkerboard():
     from fewstep.training.trainer import prepare_run
 
