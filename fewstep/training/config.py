@@ -78,8 +78,12 @@ RECIPES: dict[tuple[str, str], dict] = {
     # TDM: fresh noise up to the top of the time range (interval=max) and pseudo-Huber c=0.03 (the paper's 1e-3
     # is per element on SD latents; on these small teachers it turns the update into a sign and stalls them);
     # digits trains the step counts in proportion to their steps (linear), so every (step count, step) is
-    # seen equally often
-    ("tdm", "2d"): {"iters": 3000, "batch_size": 256, "lr": 1e-4, "options": {"interval": "max", "huber_c": 0.03}},
+    # seen equally often. 2-D: the unbiased fake-score target, the 4-step grid 9x as often as each smaller
+    # count, two critic updates per generator update (3000 generator updates) and a large batch with cosine
+    # decay; the 4-step checkerboard student then scores like the teacher's 50 steps (README)
+    ("tdm", "2d"): {"iters": 6000, "batch_size": 2048, "lr": 1e-4, "lr_schedule": "cosine",
+                    "options": {"interval": "max", "huber_c": 0.03, "fake_target": "state", "step_weights": "full:9",
+                                "update_ratio": 2}},
     ("tdm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5,
                        "options": {"interval": "max", "huber_c": 0.03, "step_weights": "linear"}},
     # diffusers text-to-image teachers: starting points from the papers (LCM-LoRA: rank 64, lr 1e-4; the student
