@@ -301,7 +301,7 @@ def distill(
     iters: int | None = _opt(help="Training iterations (default: the method's recipe)."),
     batch_size: int | None = _opt(help="Batch size per process (default: the recipe)."),
     lr: float | None = _opt(help="Learning rate (default: the recipe)."),
-    lr_schedule: str | None = _opt(help="constant | cosine, after the warm-up."),
+    lr_schedule: str | None = _opt(help="constant | cosine, after the warm-up (default: the recipe, else constant)."),
     warmup: int | None = _opt(help="Linear LR warm-up iterations (default 100)."),
     grad_clip: float | None = _opt(help="Max gradient norm per network, 0 = off (default 1)."),
     grad_accum: int | None = _opt(help="Micro-batches per optimizer step (default 1)."),
