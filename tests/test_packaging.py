@@ -31,11 +31,30 @@ def test_transformers_and_diffusers_import_beside_the_kernels_folder():
 
 
 def test_no_top_level_kernels_package_installed():
+    """fewstep never installs its kernels/ folder as a top-level `kernels` module. Another distribution may
+    (transformers 5.x depends on Hugging Face's `kernels` package): whatever `kernels` resolves to outside the
+    repository must not be ours, and the fewstep distribution must declare no `kernels` top-level name."""
     import importlib.util
 
-    p = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('kernels'))"],
-                       cwd="/", capture_output=True, text=True, timeout=60)
-    assert p.stdout.strip() == "None", p.stdout
+    code = (
+        "import importlib.metadata as md, importlib.util, json\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(json.dumps({'origin': None if spec is None else spec.origin,\n"
+        "                  'locations': None if spec is None else list(spec.submodule_search_locations or []),\n"
+        "                  'owners': md.packages_distributions().get('kernels', []),\n"
+        "                  'top_level': (md.distribution('fewstep').read_text('top_level.txt') or '').split()}))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import json
+
+    found = json.loads(p.stdout.strip().splitlines()[-1])
+    ours = (ROOT / "kernels").resolve()
+    for place in [found["origin"], *(found["locations"] or [])]:
+        if place is not None:
+            assert ours not in Path(place).resolve().parents and Path(place).resolve() != ours, found
+    assert "fewstep" not in found["owners"], found
+    assert "kernels" not in found["top_level"] and "fewstep_kernels" in found["top_level"], found
     assert importlib.util.find_spec("fewstep_kernels") is not None
 
 
