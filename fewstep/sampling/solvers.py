@@ -26,11 +26,11 @@ import torch
 from fewstep.diffusion.processes import NoiseProcess, as_time
 from fewstep.diffusion.timesteps import sampling_timesteps
 from fewstep.errors import FewstepError, check_choice
+from fewstep.sampling.rollout import RENOISE, rollout
 from fewstep.sampling.seeds import noise_from_generators, renoise_for_seeds
 
 ODE_SOLVERS = ("euler", "heun", "dpm++2m")
 SOLVERS = ODE_SOLVERS + ("fewstep",)
-RENOISE = ("fresh", "deterministic")
 
 
 @dataclass
@@ -115,21 +115,37 @@ def step_count_kwargs(denoiser, n: int) -> dict:
 
 
 class _FlowModel:
-    """The Denoiser seen from flow coordinates: (x_model, x0_hat, eps_hat) at schedule index i."""
+    """The Denoiser seen from flow coordinates: (x_model, x0_hat, eps_hat) at schedule index i.
 
-    def __init__(self, denoiser, ts: torch.Tensor, cond, guidance, model_dtype: torch.dtype, steps_kw=None):
+    Times shared by the batch, (n,), give Python-float flow times and scales (`s`, `c`); per-sample times,
+    (n, B), give (B, 1, ...) columns in the solver's working dtype on the state's device (`like`)."""
+
+    def __init__(self, denoiser, ts: torch.Tensor, cond, guidance, model_dtype: torch.dtype, steps_kw=None,
+                 like: torch.Tensor | None = None):
         self.denoiser, self.ts = denoiser, ts
-        self.s = flow_time(denoiser.process, ts).tolist()
-        self.c = flow_scale(denoiser.process, ts).tolist()
+        self.per_sample = ts.ndim == 2
+        if self.per_sample:
+            shape = (-1,) + (1,) * (like.ndim - 1)
+            work = torch.promote_types(like.dtype, torch.float32)
+            s_all = flow_time(denoiser.process, ts).to(like.device, work)
+            c_all = flow_scale(denoiser.process, ts).to(like.device, work)
+            self.s = [s_all[i].reshape(shape) for i in range(ts.shape[0])]
+            self.c = [c_all[i].reshape(shape) for i in range(ts.shape[0])]
+        else:
+            self.s = flow_time(denoiser.process, ts).tolist()
+            self.c = flow_scale(denoiser.process, ts).tolist()
         self.cond, self.guidance, self.model_dtype = cond, guidance, model_dtype
         self.steps_kw = steps_kw or {}  # the sampler's step count, for step-count-embedded students
 
     def __call__(self, x_f: torch.Tensor, i: int):
         x_m = (x_f * self.c[i]).to(self.model_dtype)
-        x0 = self.denoiser(x_m, _model_time(self.ts, i, x_m), self.cond, self.guidance,
-                           **self.steps_kw).to(x_f.dtype)
+        if self.per_sample:
+            t = self.ts[i].to(x_m.device, torch.promote_types(x_m.dtype, torch.float32))
+        else:
+            t = _model_time(self.ts, i, x_m)
+        x0 = self.denoiser(x_m, t, self.cond, self.guidance, **self.steps_kw).to(x_f.dtype)
         s = self.s[i]
-        eps = (x_f - (1.0 - s) * x0) / s
+        eps = (x_f - (1.0 - s) * x0) / (s.clamp_min(1e-12) if self.per_sample else s)
         return x_m, x0, eps
 
 
@@ -171,10 +187,13 @@ def sample(
     return Trajectory(x=x, xs=torch.stack(xs), ts=ts, x0s=torch.stack(x0s).to(noise.dtype))
 
 
-def _integrate(model: _FlowModel, x_f: torch.Tensor, s: list[float], solver: str, xs=None, x0s=None):
+def _integrate(model: _FlowModel, x_f: torch.Tensor, s: list, solver: str, xs=None, x0s=None):
     """Integrate the flow ODE in flow coordinates over the flow times `s` (len n + 1); returns x_f at s[n].
 
-    The model is evaluated at schedule indices 0..n-1 (and at i + 1 by Heun's corrector when s[i+1] > 0).
+    `s` holds Python floats (times shared by the batch) or (B, 1, ...) columns (per sample: Euler, Heun, and
+    DPM-Solver++(2M) for one step, where it is the Euler step). The model is evaluated at schedule indices
+    0..n-1, and at i + 1 by Heun's corrector where s[i+1] > 0 (per sample: the corrector's result is kept only
+    for the samples whose next time is noisy; the others take the plain Euler step).
     """
     x0_prev, h_prev = None, None
     for i in range(len(s) - 1):
@@ -183,13 +202,19 @@ def _integrate(model: _FlowModel, x_f: torch.Tensor, s: list[float], solver: str
             xs.append(x_m)
             x0s.append(x0)
         si, sn = s[i], s[i + 1]
-        if solver == "euler" or sn == 0.0:
+        shared = not isinstance(sn, torch.Tensor)
+        if solver == "euler" or (shared and sn == 0.0) or (not shared and solver == "dpm++2m"):
             # the exact Euler/DDIM step in these coordinates: x_f + (sn - si)(eps - x0)
             x_f = (1.0 - sn) * x0 + sn * eps
         elif solver == "heun":
-            v = eps - x0
-            _, x0_2, eps_2 = model(x_f + (sn - si) * v, i + 1)
-            x_f = x_f + (sn - si) * 0.5 * (v + (eps_2 - x0_2))
+            euler = None if shared else (1.0 - sn) * x0 + sn * eps
+            if shared or bool(torch.any(sn > 0)):
+                v = eps - x0
+                _, x0_2, eps_2 = model(x_f + (sn - si) * v, i + 1)
+                heun = x_f + (sn - si) * 0.5 * (v + (eps_2 - x0_2))
+                x_f = heun if shared else torch.where(sn > 0, heun, euler)  # a clean endpoint: a plain Euler step
+            else:
+                x_f = euler
         else:  # dpm++2m: x_n = (sigma_n / sigma_i) x_i - alpha_n (e^{-h} - 1) D, h = lambda_n - lambda_i
             h = math.log((1.0 - sn) / sn) - (math.log((1.0 - si) / si) if si < 1.0 else -math.inf)
             if x0_prev is None or math.isinf(h_prev):
@@ -220,39 +245,14 @@ def ode_solve(denoiser, x: torch.Tensor, timesteps, *, solver: str = "heun", con
         raise FewstepError(f"ode_solve needs at least 2 strictly decreasing times, got {ts.tolist()}")
     if not bool(torch.all(flow_time(process, ts[:-1]) > 0)):
         raise FewstepError(f"only the last time may be clean, got {ts.tolist()}")
-    work = torch.promote_types(x.dtype, torch.float32)
-    if ts.ndim == 1:
-        model = _FlowModel(denoiser, ts, cond, guidance, x.dtype)
-        x_f = _integrate(model, x.to(work) / model.c[0], model.s, solver)
-        return (x_f * model.c[-1]).to(x.dtype)
-    if ts.shape[1] != x.shape[0]:
+    if ts.ndim == 2 and ts.shape[1] != x.shape[0]:
         raise FewstepError(f"per-sample timesteps have {ts.shape[1]} columns for a batch of {x.shape[0]}")
-    if solver == "dpm++2m" and ts.shape[0] > 2:
+    if ts.ndim == 2 and solver == "dpm++2m" and ts.shape[0] > 2:
         raise FewstepError("per-sample timesteps support dpm++2m for one step only (it is Euler there)")
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    s_all = flow_time(process, ts).to(x.device, work)
-    c_all = flow_scale(process, ts).to(x.device, work)
-
-    def evaluate(x_f, i):
-        s = s_all[i].reshape(shape)
-        x_m = (x_f * c_all[i].reshape(shape)).to(x.dtype)
-        t = ts[i].to(x.device, torch.promote_types(x.dtype, torch.float32))
-        x0 = denoiser(x_m, t, cond, guidance).to(work)
-        return x0, (x_f - (1.0 - s) * x0) / s.clamp_min(1e-12)
-
-    x_f = x.to(work) / c_all[0].reshape(shape)
-    for i in range(ts.shape[0] - 1):
-        si, sn = s_all[i].reshape(shape), s_all[i + 1].reshape(shape)
-        x0, eps = evaluate(x_f, i)
-        euler = (1.0 - sn) * x0 + sn * eps
-        if solver == "heun" and bool(torch.any(sn > 0)):
-            v = eps - x0
-            x0_2, eps_2 = evaluate(x_f + (sn - si) * v, i + 1)
-            heun = x_f + (sn - si) * 0.5 * (v + (eps_2 - x0_2))
-            x_f = torch.where(sn > 0, heun, euler)  # a clean endpoint is a plain Euler step, as in `sample`
-        else:
-            x_f = euler
-    return (x_f * c_all[-1].reshape(shape)).to(x.dtype)
+    work = torch.promote_types(x.dtype, torch.float32)
+    model = _FlowModel(denoiser, ts, cond, guidance, x.dtype, like=x)
+    x_f = _integrate(model, x.to(work) / model.c[0], model.s, solver)
+    return (x_f * model.c[-1]).to(x.dtype)
 
 
 def sample_fewstep(
@@ -266,7 +266,8 @@ def sample_fewstep(
     seeds=None,
     capture: bool = False,
 ):
-    """Few-step student sampling: x0 = D(x_{t_i}, t_i), then x_{t_{i+1}} = alpha x0 + sigma z.
+    """Few-step student sampling along `fewstep.sampling.rollout`: x0 = D(x_{t_i}, t_i), then
+    x_{t_{i+1}} = alpha x0 + sigma z.
 
     renoise="fresh": z is new Gaussian noise (multistep consistency sampling, Song et al. 2023),
     drawn per sample from `seeds` when given (so a sample does not depend on its batch; integer seeds
@@ -281,30 +282,22 @@ def sample_fewstep(
     n = ts.numel()
     if seeds is not None and len(seeds) != noise.shape[0]:
         raise FewstepError(f"got {len(seeds)} seeds for a batch of {noise.shape[0]} samples")
-    alpha, sigma = process.alpha(ts).tolist(), process.sigma(ts).tolist()
     # students that take the step count as an input (TDM's sampling-steps-aware ones) are told n
     steps_kw = step_count_kwargs(denoiser, n)
-    x = noise * float(process.prior_std(ts[0]))
-    xs, x0s = [], []
-    for i in range(n):
-        x0 = denoiser(x, _model_time(ts, i, x), cond, guidance, **steps_kw).to(x.dtype)
-        if capture:
-            xs.append(x)
-            x0s.append(x0)
-        if i == n - 1:
-            x = x0
-            break
-        if renoise == "fresh":
-            if seeds is not None and len(seeds) and isinstance(seeds[0], torch.Generator):
-                z = noise_from_generators(seeds, x.shape[1:], dtype=x.dtype, device=x.device)
-            elif seeds is not None:
-                z = renoise_for_seeds(seeds, i + 1, x.shape[1:], dtype=x.dtype, device=x.device)
-            else:
-                z = torch.randn_like(x)
-        else:
-            z = (x - alpha[i] * x0) / sigma[i]
-        x = alpha[i + 1] * x0 + sigma[i + 1] * z
+
+    def model(x, t, rows):
+        return denoiser(x, t.to(torch.promote_types(x.dtype, torch.float32)).expand(x.shape[0]), cond, guidance,
+                        **steps_kw).to(x.dtype)
+
+    def fresh(i, x, rows):
+        if seeds is not None and len(seeds) and isinstance(seeds[0], torch.Generator):
+            return noise_from_generators(seeds, x.shape[1:], dtype=x.dtype, device=x.device)
+        if seeds is not None:
+            return renoise_for_seeds(seeds, i + 1, x.shape[1:], dtype=x.dtype, device=x.device)
+        return torch.randn_like(x)
+
+    path = rollout(process, model, noise * float(process.prior_std(ts[0])), ts, renoise=renoise, fresh=fresh,
+                   capture=capture)
     if not capture:
-        return x
-    xs.append(x)
-    return Trajectory(x=x, xs=torch.stack(xs), ts=ts, x0s=torch.stack(x0s))
+        return path.x
+    return Trajectory(x=path.x, xs=torch.stack(path.xs), ts=ts, x0s=torch.stack(path.x0s))
