@@ -286,7 +286,7 @@ def load_diffusers_denoiser(directory: str | Path, cfg: dict, device="cpu") -> D
     """A student saved by `save_denoiser` from a diffusers teacher: its base pipeline (from the recorded
     source) with the saved LoRA adapter or full weights (safetensors) on top."""
     from fewstep.diffusion.processes import process_from_config
-    from fewstep.models.io import load_weights
+    from fewstep.models.weights import load_weights
 
     directory = Path(directory)
     net_cfg, den_cfg, meta = cfg["network"], cfg["denoiser"], cfg.get("meta", {})

@@ -12,6 +12,7 @@ from fewstep.errors import FewstepError
 from fewstep.fileio import atomic_write
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.networks import build_network
+from fewstep.models.weights import load_weights
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -58,22 +59,6 @@ def read_config(directory: str | Path) -> dict:
         raise FewstepError(f"{str(path)!r} has format_version {version}; this fewstep reads up to "
                            f"{FORMAT_VERSION} (upgrade fewstep)")
     return cfg
-
-
-def load_weights(net: torch.nn.Module, weights: Path, what: str, device: str | torch.device = "cpu") -> None:
-    """Load a safetensors file into `net` (strict; no pickle): unreadable weights, or weights that do not fit
-    `what` (e.g. "the student network"), are one-line errors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise FewstepError(f"cannot read weights {str(weights)!r}: {e}") from None
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise FewstepError(f"weights in {str(weights)!r} do not match {what}: {str(e).splitlines()[0]}") from None
 
 
 def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> Denoiser:

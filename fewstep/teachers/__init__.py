@@ -1,5 +1,6 @@
-"""Teacher registry: built-in names (shipped in fewstep/assets/teachers), a model directory, or a diffusers
-pipeline (alias such as `sdxl`, hub id, or local pipeline folder; see fewstep.teachers.diffusers)."""
+"""Teacher registry and model loading: built-in names (shipped in fewstep/assets/teachers), a model directory, a
+diffusers pipeline (alias such as `sdxl`, hub id, or local pipeline folder; see fewstep.teachers.diffusers), or a
+distillation run directory (`load_model`). Everything above this layer loads models through here."""
 
 from __future__ import annotations
 
@@ -54,4 +55,37 @@ def load_teacher(spec: str | Path, device="cpu", *, resolution=None, dtype=None)
                        f"or a directory with {CONFIG} and {WEIGHTS}")
 
 
-__all__ = ["BUILTIN_TEACHERS", "load_teacher", "teacher_path"]
+RUN_CONFIG = "config.yaml"  # what marks a distillation run directory (see fewstep.training.run)
+RUN_STUDENT = "student"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A distillation run directory: config.yaml, and no model config.json of its own."""
+    path = Path(str(path))
+    return path.is_dir() and not (path / CONFIG).is_file() and (path / RUN_CONFIG).is_file()
+
+
+def load_model(spec: str | Path, device="cpu", **teacher_options) -> Denoiser:
+    """A Denoiser from a built-in teacher name, a model directory (config.json + model.safetensors), a
+    diffusers pipeline (alias, hub id or folder; `teacher_options`: resolution, dtype), or a distillation
+    run directory (its student: the EMA weights when the run kept an EMA)."""
+    path = Path(str(spec))
+    if is_run_dir(path):
+        student = path / RUN_STUDENT
+        if not (student / CONFIG).is_file():
+            raise FewstepError(f"run {str(path)!r} has no finished student yet (student/ is missing); "
+                               f"continue it with `fewstep distill --resume --out {path}`")
+        return load_teacher(student, device)
+    return load_teacher(spec, device, **teacher_options)
+
+
+def data_kind(denoiser) -> str:
+    """"2d" for point data (shape (D,)), "text2image" for text-conditioned latent models (diffusers teachers),
+    "image" otherwise (recipes and defaults are chosen by it)."""
+    shape = denoiser.data_shape
+    if getattr(denoiser, "cond_kind", None) == "text" and getattr(denoiser, "components", None) is not None:
+        return "text2image"
+    return "2d" if shape is not None and len(shape) == 1 else "image"
+
+
+__all__ = ["BUILTIN_TEACHERS", "data_kind", "is_run_dir", "load_model", "load_teacher", "teacher_path"]
