@@ -90,7 +90,8 @@ class _Recorder:
 def trainer_overhead(method: str, teacher: str, batch: int, repeats: int) -> dict:
     """`method` is METHOD or METHOD:KEY=VALUE,KEY=VALUE (method options, e.g. fewer reflow pairs to make first)."""
     from fewstep.training.config import parse_option
-    from fewstep.training.trainer import Trainer, prepare_run, write_config
+    from fewstep.training.run import prepare_run, write_config
+    from fewstep.training.trainer import Trainer
 
     label = method
     method, _, rest = method.partition(":")

@@ -12,7 +12,6 @@ resumed run is bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +121,14 @@ class DistillMethod:
     config_class: type = MethodConfig
     needs_data: bool = False  # the batch carries real data x0 (CD) or only conditions (DMD, TDM)
     description: str = ""
+    # run defaults per kind of teacher data ("2d", "image", "text2image"; `fewstep.teachers.data_kind`):
+    # DistillConfig fields (iters, batch_size, lr, ...) and "options" (this method's own), tuned on the built-in
+    # teachers; `fewstep.training.config.resolve` takes from them what the user left out. Give every registered
+    # class its own (a subclass that says nothing inherits its parent's).
+    recipes: dict[str, dict] = {}
+    # `fewstep distill` flags that set one of this method's options, name -> help (sCM's --mode); the same as
+    # --opt NAME=VALUE
+    cli_options: dict[str, str] = {}
 
     def __init__(self, teacher, config: MethodConfig | None = None, *, guidance: float = 1.0):
         self.teacher = teacher
@@ -202,52 +209,3 @@ class DistillMethod:
                            meta=dict(t.meta), boundary=t.boundary)
         student.components = t.components
         return student.requires_grad_(True).train()
-
-
-_REGISTRY: dict[str, type[DistillMethod]] = {}
-
-
-def register_method(name: str):
-    """Class decorator: make a method available as `fewstep distill --method NAME`."""
-
-    def deco(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def available_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> type[DistillMethod]:
-    _load_builtin_methods()
-    if name not in _REGISTRY:
-        raise FewstepError(f"unknown method {name!r}; allowed: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def _load_builtin_methods():
-    import fewstep.methods.consistency  # noqa: F401  (registers cd, lcm)
-    import fewstep.methods.dmd  # noqa: F401  (registers dmd, dmd2, sid)
-    import fewstep.methods.rcm  # noqa: F401  (registers rcm)
-    import fewstep.methods.reflow  # noqa: F401  (registers reflow)
-    import fewstep.methods.scm  # noqa: F401  (registers scm)
-    import fewstep.methods.tdm  # noqa: F401  (registers tdm)
-
-
-def build_method_config(name: str, values: dict | None) -> MethodConfig:
-    """The method's config dataclass from a dict; unknown keys are a one-line error."""
-    cls = get_method(name).config_class
-    values = dict(values or {})
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    bad = sorted(set(values) - set(known))
-    if bad:
-        raise FewstepError(f"unknown option(s) {', '.join(bad)} for method {name!r}; allowed: "
-                           f"{', '.join(known) or 'none'}")
-    return cls(**values)
-
-

@@ -22,7 +22,8 @@ import torch
 from fewstep.diffusion.processes import EDM, VPDiscrete
 from fewstep.diffusion.timesteps import SPACINGS, sampling_timesteps
 from fewstep.errors import FewstepError, check_choice
-from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext, register_method
+from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext
+from fewstep.methods.registry import register_method
 from fewstep.sampling.solvers import ODE_SOLVERS, ode_solve
 
 LOSSES = ("l2", "huber")
@@ -66,6 +67,12 @@ class ConsistencyDistillation(DistillMethod):
     config_class = ConsistencyConfig
     needs_data = True
     description = "consistency distillation (Song et al. 2023): teacher ODE step, EMA target"
+    recipes = {
+        "2d": {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995, "options": {"num_timesteps": 40}},
+        "image": {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
+        # diffusers text-to-image teachers: starting points from the papers (LCM-LoRA: rank 64, lr 1e-4)
+        "text2image": {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64},
+    }
 
     def __init__(self, teacher, config=None, *, guidance: float = 1.0):
         super().__init__(teacher, config, guidance=guidance)
@@ -199,3 +206,11 @@ def _index(cond, rows):
 class LatentConsistencyDistillation(ConsistencyDistillation):
     config_class = LCMConfig
     description = "LCM (Luo et al. 2023): skipping-step DDIM on a 1000-step grid, guidance-scale input"
+    recipes = {
+        "2d": {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
+        "image": {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
+        # LCM-LoRA's rank 64 and lr 1e-4; the student learns the teacher at a fixed CFG scale, without a guidance
+        # input, so the LoRA file is all it needs
+        "text2image": {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64,
+                       "guidance": 7.5, "options": {"guidance_embed": False}},
+    }

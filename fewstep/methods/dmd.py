@@ -24,25 +24,12 @@ import torch.nn.functional as F
 
 from fewstep.diffusion.predictions import prediction_coeffs
 from fewstep.diffusion.processes import expand_like
-from fewstep.diffusion.timesteps import SPACINGS, sampling_timesteps
 from fewstep.errors import FewstepError, check_choice
-from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext, register_method
-from fewstep.sampling.solvers import ODE_SOLVERS, resolve_timesteps
-
-
-@dataclass
-class FakeScoreConfig(MethodConfig):
-    """Options shared by every method with a generator, the teacher as real score and a trained fake score."""
-
-    steps: int = 1  # generator steps K (DMD2's multi-step students: 4)
-    spacing: str = "trailing"  # the K generator times: VP 999, 749, 499, 249; flow 1, 0.75, 0.5, 0.25
-    timesteps: list[float] | None = None  # explicit decreasing generator times (overrides steps and spacing)
-    update_ratio: int = 1  # critic updates per generator update
-    fake_lr_scale: float = 1.0  # TTUR by learning-rate ratio: critic lr = run lr * fake_lr_scale
-    student_beta1: float = 0.9  # Adam beta1 of the generator
-    critic_beta1: float = 0.9  # Adam beta1 of the fake score (and GAN head)
-    beta2: float = 0.999  # Adam beta2 of all of them
-    normalize: bool = True  # divide the generator's update by mean|x - x0_real| per sample
+from fewstep.methods.base import Batch, Role, StepContext
+from fewstep.methods.fake_score import FakeScoreConfig, FakeScoreMethod
+from fewstep.methods.registry import register_method
+from fewstep.sampling.rollout import rollout
+from fewstep.sampling.solvers import ODE_SOLVERS
 
 
 @dataclass
@@ -78,111 +65,6 @@ class SiDConfig(DistributionMatchingConfig):
     student_beta1: float = 0.0  # Adam(0, 0.999) for both, as in SiD
     critic_beta1: float = 0.0
     sid_alpha: float = 1.2  # SiD's alpha
-
-
-class FakeScoreMethod(DistillMethod):
-    """Generator (student) + frozen real score (teacher) + fake score trained on generator samples: the roles,
-    phases, generator times and the generator's own rollout shared by DMD, DMD2, SiD and TDM."""
-
-    config_class = FakeScoreConfig
-    description = ""
-
-    def __init__(self, teacher, config=None, *, guidance: float = 1.0):
-        super().__init__(teacher, config, guidance=guidance)
-        c = self.config
-        if teacher.data_shape is None:
-            raise FewstepError(f"{self.name or 'this method'} needs a teacher that records its data shape")
-        if c.timesteps is not None:
-            ts = resolve_timesteps(teacher.process, timesteps=c.timesteps)
-        else:
-            check_choice("spacing", c.spacing, SPACINGS)
-            if int(c.steps) < 1:
-                raise FewstepError(f"steps must be >= 1, got {c.steps}")
-            ts = self.step_times(int(c.steps))
-        self.gen_times = ts  # float64, CPU, decreasing
-        if int(c.update_ratio) < 1:
-            raise FewstepError(f"update_ratio must be >= 1, got {c.update_ratio}")
-        if not (0.0 <= c.student_beta1 < 1 and 0.0 <= c.critic_beta1 < 1 and 0.0 <= c.beta2 < 1):
-            raise FewstepError("Adam betas must be in [0, 1)")
-
-    def step_times(self, k: int) -> torch.Tensor:
-        """The generator's k decreasing times with the configured spacing (float64, CPU)."""
-        proc = self.teacher.process
-        return resolve_timesteps(proc, timesteps=sampling_timesteps(proc, int(k), self.config.spacing))
-
-    def _span(self, lo: float, hi: float) -> tuple[float, float]:
-        p = self.teacher.process
-        return p.t_min + lo * (p.t_max - p.t_min), p.t_min + hi * (p.t_max - p.t_min)
-
-    def _times(self, n: int, ctx: StepContext, lo: float, hi: float) -> torch.Tensor:
-        """n times uniform on [lo, hi] as fractions of the teacher's time range (float32, on the device)."""
-        a, b = self._span(lo, hi)
-        return (a + (b - a) * ctx.rand(n)).to(ctx.device, torch.float32)
-
-    def _noised(self, x: torch.Tensor, ctx: StepContext, lo: float, hi: float):
-        """(x_t, t, eps): x noised at t ~ U[lo, hi] (fractions of the time range) with fresh eps."""
-        t = self._times(x.shape[0], ctx, lo, hi)
-        eps = ctx.randn(x.shape)
-        return self.teacher.process.add_noise(x, eps, t), t, eps
-
-    def networks(self) -> dict[str, Role]:
-        c = self.config
-        return {
-            "teacher": Role(self.teacher),
-            "student": Role(self.student_from_teacher(), trainable=True, betas=(c.student_beta1, c.beta2)),
-            "fake_score": Role(self.student_from_teacher(), trainable=True, lr_scale=c.fake_lr_scale,
-                               betas=(c.critic_beta1, c.beta2)),
-        }
-
-    def critic_roles(self) -> tuple[str, ...]:
-        return ("fake_score",)
-
-    def phases(self) -> list[Phase]:
-        return [Phase("critic", self.critic_roles()),
-                Phase("generator", ("student",), every=int(self.config.update_ratio))]
-
-    def eval_steps(self) -> tuple[int, ...]:
-        """A one-step generator is only ever trained at the start of its path: the table scores 1 step; a
-        K-step generator 1, 2 (when K >= 2) and K steps."""
-        k = len(self.gen_times)
-        return tuple(sorted({1, min(2, k), k}))
-
-    def student_meta(self) -> dict:
-        k = len(self.gen_times)
-        return {"default_solver": "fewstep", "default_steps": k, "default_renoise": "fresh",
-                "timesteps": {str(k): [float(t) for t in self.gen_times]}}
-
-    def rollout(self, student, noise: torch.Tensor, times: torch.Tensor, cond, ctx: StepContext, upto: int,
-                renoise: str = "fresh") -> list[torch.Tensor]:
-        """The generator's own sampling path under no_grad: states at times[0..upto] (state 0 is `noise`, the
-        prior sample at times[0]); x0 = G(x_{t_i}), then x_{t_{i+1}} = alpha x0 + sigma z with z fresh noise
-        (DMD2's backward simulation) or the eps implied by the prediction ("deterministic": DDIM, as TDM samples)."""
-        proc, b = self.teacher.process, noise.shape[0]
-        states, x = [noise], noise
-        with torch.no_grad():
-            for i in range(int(upto)):
-                t = times[i]
-                x0 = student(x, t.to(ctx.device, torch.float32).expand(b), cond).float()
-                if renoise == "fresh":
-                    z = ctx.randn(noise.shape)
-                else:
-                    z = (x - float(proc.alpha(t)) * x0) / float(proc.sigma(t))
-                t_next = times[i + 1]
-                x = float(proc.alpha(t_next)) * x0 + float(proc.sigma(t_next)) * z
-                states.append(x)
-        return states
-
-    def real_minus_fake(self, nets, x_t: torch.Tensor, t: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """Under no_grad: (x0_real - x0_fake, x0_real) at x_t, the real score guided with the run's --guidance."""
-        with torch.no_grad():
-            real = nets["teacher"](x_t, t, cond, self.guidance).float()
-            fake = nets["fake_score"](x_t, t, cond).float()
-        return real - fake, real
-
-    @staticmethod
-    def normaliser(x: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
-        """The per-sample scale mean|x - x0_real| (over all but the batch dim; DMD2, TDM, SiD), at least 1e-5."""
-        return (x.detach().float() - x0_real.detach().float()).abs().flatten(1).mean(1).clamp_min(1e-5)
 
 
 class DistributionMatching(FakeScoreMethod):
@@ -269,8 +151,12 @@ class DistributionMatching(FakeScoreMethod):
         k = ctx.randint(0, len(ts), batch.size)
         t_in = ts[k].to(ctx.device, torch.float32)
         if self.config.backward_sim:
-            states = self.rollout(student, noise, ts, batch.cond, ctx, int(k.max()), renoise="fresh")
-            x_in = torch.stack(states)[k.to(ctx.device), torch.arange(batch.size, device=ctx.device)]
+            with torch.no_grad():  # the generator's own K-step path (fresh re-noise), stopped at each sample's t_k
+                path = rollout(proc, lambda x, t, rows: student(x, t.to(ctx.device, torch.float32).expand(x.shape[0]),
+                                                                 batch.cond).float(),
+                               noise, ts, renoise="fresh", fresh=lambda i, x, rows: ctx.randn(noise.shape),
+                               steps=int(k.max()), capture=True)
+            x_in = torch.stack(path.xs)[k.to(ctx.device), torch.arange(batch.size, device=ctx.device)]
         else:
             x_in = proc.add_noise(batch.x0.float(), ctx.randn(shape), t_in)
         return student(x_in, t_in, batch.cond)
@@ -278,7 +164,7 @@ class DistributionMatching(FakeScoreMethod):
     def dm_loss(self, nets, x: torch.Tensor, cond, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """DMD's generator loss 0.5 ||x - sg(x - grad)||^2 (mean over elements), grad as in the module doc."""
         c = self.config
-        x_t, t, _ = self._noised(x.detach().float(), ctx, c.t_min, c.t_max)
+        x_t, t, _ = self.noised(x.detach().float(), ctx, c.t_min, c.t_max)
         gap, real = self.real_minus_fake(nets, x_t, t, cond)
         grad = -gap  # x0_fake - x0_real
         if c.normalize:
@@ -291,7 +177,7 @@ class DistributionMatching(FakeScoreMethod):
         """SiD's generator loss (f_r - f_f) . ((f_r - x) - alpha (f_r - f_f)) / mean|x - f_r| (mean over
         elements), with gradients through both scores' inputs (their weights stay frozen)."""
         c = self.config
-        x_t, t, _ = self._noised(x.float(), ctx, c.t_min, c.t_max)
+        x_t, t, _ = self.noised(x.float(), ctx, c.t_min, c.t_max)
         real = nets["teacher"](x_t, t, cond, self.guidance).float()
         fake = nets["fake_score"](x_t, t, cond).float()
         diff = real - fake
@@ -304,7 +190,7 @@ class DistributionMatching(FakeScoreMethod):
         """The GAN head's logits on the fake score's features of x noised at t ~ U[t_min, t_max]."""
         from fewstep.models.gan import capture_features, feature_layer
 
-        x_t, t, _ = self._noised(x.float(), ctx, self.config.t_min, self.config.t_max)
+        x_t, t, _ = self.noised(x.float(), ctx, self.config.t_min, self.config.t_max)
         with capture_features(feature_layer(nets["fake_score"])) as store:
             nets["fake_score"](x_t, t, cond)
         return nets["discriminator"](store["features"]).float()
@@ -322,7 +208,7 @@ class DistributionMatching(FakeScoreMethod):
         """The teacher's own objective on generator samples: MSE of the fake score's native prediction
         against a(t) x + b(t) eps (eps, v, velocity or x0, whichever the teacher predicts)."""
         c = self.config
-        x_t, t, eps = self._noised(x, ctx, c.fake_t_min, c.fake_t_max)
+        x_t, t, eps = self.noised(x, ctx, c.fake_t_min, c.fake_t_max)
         kind = self.teacher.prediction
         a, b = prediction_coeffs(kind, self.teacher.process, t.double())
         target = expand_like(a.float(), x) * x + expand_like(b.float(), x) * eps
@@ -368,6 +254,10 @@ class DMD(DistributionMatching):
     config_class = DMDConfig
     description = ("DMD (Yin et al. 2024a): distribution matching with a fake score, plus regression to teacher "
                    "(noise, sample) pairs")
+    recipes = {
+        "2d": {"iters": 2000, "batch_size": 256, "lr": 3e-4},
+        "image": {"iters": 1500, "batch_size": 128, "lr": 1e-4},
+    }
 
     def generator_objective(self, nets, x, cond, ctx):
         return self.dm_loss(nets, x, cond, ctx)
@@ -378,12 +268,21 @@ class DMD2(DMD):
     config_class = DMD2Config
     description = ("DMD2 (Yin et al. 2024b): distribution matching, TTUR (5 critic updates per generator update), "
                    "optional GAN on the fake score's features, multi-step backward simulation")
+    # DMD2 keeps its 5:1 update ratio, so the generator gets iters / 5 updates
+    recipes = {
+        "2d": {"iters": 6000, "batch_size": 256, "lr": 1e-3},
+        "image": {"iters": 2000, "batch_size": 128, "lr": 2e-4},
+    }
 
 
 @register_method("sid")
 class SiD(DistributionMatching):
     config_class = SiDConfig
     description = "SiD (Zhou et al. 2024): score identity distillation on the same three networks"
+    recipes = {
+        "2d": {"iters": 2000, "batch_size": 256, "lr": 3e-4},
+        "image": {"iters": 1500, "batch_size": 128, "lr": 1e-4},
+    }
 
     def generator_objective(self, nets, x, cond, ctx):
         return self.sid_loss(nets, x, cond, ctx)

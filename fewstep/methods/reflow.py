@@ -30,7 +30,8 @@ import torch
 from fewstep.diffusion.processes import RectifiedFlow, convert_time
 from fewstep.diffusion.timesteps import SPACINGS, sample_timesteps
 from fewstep.errors import FewstepError, check_choice
-from fewstep.methods.base import DistillMethod, MethodConfig, Phase, Role, RunContext, register_method
+from fewstep.methods.base import DistillMethod, MethodConfig, Phase, Role, RunContext
+from fewstep.methods.registry import register_method
 from fewstep.sampling.pairs import (
     MANIFEST,
     PairSet,
@@ -79,6 +80,11 @@ class Reflow(DistillMethod):
     config_class = ReflowConfig
     needs_data = False
     description = "rectified-flow reflow on teacher pairs (Liu et al. 2023; 2-RF++), k rounds, optional 1-step distill"
+    recipes = {
+        "2d": {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995, "options": {"pair_num": 20000}},
+        "image": {"iters": 1000, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999,
+                  "options": {"pair_num": 10000, "pair_steps": 32}},
+    }
 
     def __init__(self, teacher, config=None, *, guidance: float = 1.0):
         super().__init__(teacher, config, guidance=guidance)

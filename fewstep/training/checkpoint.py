@@ -1,4 +1,10 @@
-"""Training checkpoints: safetensors + JSON, written atomically, never unpickled.
+"""Training checkpoints: what goes in one (`training_state` / `restore_training_state`), and the files
+(safetensors + JSON, written atomically, never unpickled).
+
+The state of a run is every trained network and EMA target (by role), the student's sampling EMA, each
+optimizer's moments, the run's random generator and the global torch (and CUDA) RNG of every rank, the fp16
+loss scaler, the method's own JSON state, the iteration, the smoothed losses and the training time: resuming
+from it continues bit-exactly on CPU.
 
 A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding `state.safetensors` (weights,
 optimizer moments, RNG states) and `state.json` (iteration, optimizer hyperparameters, counters).
@@ -139,3 +145,78 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise FewstepError(f"checkpoint {str(path)!r} is unreadable: {e}") from None
     return tensors, meta
+
+
+# -- the state of a run ------------------------------------------------------------------------------
+def training_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON-able meta) of a Trainer's state; every rank's RNG streams are gathered (a collective:
+    every rank calls this)."""
+    acc = trainer.accelerator
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"optimizers": {}, "loss_avg": trainer.loss_avg, "elapsed_s": trainer.elapsed,
+                  "world_size": trainer.world, "method_state": trainer.method.state_dict()}
+    for name, role in trainer.roles.items():
+        if role.trainable or role.ema_of:
+            for k, v in role.module.state_dict().items():
+                tensors[f"net.{name}.{k}"] = v
+    if trainer.ema is not None:
+        for k, v in trainer.ema.state_dict().items():
+            tensors[f"ema.student.{k}"] = v
+    for name, opt in trainer.opts.items():
+        t, m = flatten_optimizer(f"opt.{name}", opt.state_dict())
+        tensors.update(t)
+        meta["optimizers"][name] = m
+    gen_state = trainer.gen.get_state()
+    cpu_state = torch.get_rng_state()
+    if trainer.world > 1:  # every rank's streams, so a resumed multi-process run continues each of them
+        gen_state = acc.gather(gen_state.to(trainer.device)[None]).cpu()
+        cpu_state = acc.gather(cpu_state.to(trainer.device)[None]).cpu()
+    else:
+        gen_state, cpu_state = gen_state[None], cpu_state[None]
+    tensors["rng.generator"], tensors["rng.torch"] = gen_state, cpu_state
+    if trainer.device.type == "cuda":
+        cuda_state = torch.cuda.get_rng_state(trainer.device)
+        tensors["rng.cuda"] = (acc.gather(cuda_state.to(trainer.device)[None]).cpu() if trainer.world > 1
+                               else cuda_state[None])
+    if getattr(acc, "scaler", None) is not None:  # fp16 loss scaling
+        meta["scaler"] = acc.scaler.state_dict()
+    return tensors, meta
+
+
+def restore_training_state(trainer, path: Path | None) -> None:
+    """Load checkpoint `path` into a Trainer built from the same config (one-line errors when it does not fit)."""
+    if path is None:
+        raise FewstepError(f"nothing to resume in {str(trainer.out)!r}: it has no complete checkpoint")
+    tensors, meta = load_checkpoint(path)
+    if meta.get("world_size", 1) != trainer.world:
+        raise FewstepError(f"{str(path)!r} was written by {meta.get('world_size')} processes; resume it with "
+                           f"the same number (this launch has {trainer.world})")
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    for name, role in trainer.roles.items():
+        if role.trainable or role.ema_of:
+            saved, own = part(f"net.{name}."), set(role.module.state_dict())
+            missing, extra = sorted(own - set(saved)), sorted(set(saved) - own)
+            if missing or extra:  # a checkpoint from other options or an older version: say which keys
+                hint = (" (a TDM run from before the step-count input: add `steps_embed: false` under "
+                        "options in its config.yaml)" if any("steps_mlp" in k for k in missing) else "")
+                raise FewstepError(f"{str(path)!r} does not fit this run's {name!r} network: missing "
+                                   f"{missing[:3]}, unexpected {extra[:3]}; resume with the options it was "
+                                   f"written with{hint}")
+            role.module.load_state_dict(saved)
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(part("ema.student."))
+    for name, opt in trainer.opts.items():
+        opt.load_state_dict(unflatten_optimizer(f"opt.{name}", tensors, meta["optimizers"][name]))
+    trainer.gen.set_state(tensors["rng.generator"][trainer.rank].clone())
+    torch.set_rng_state(tensors["rng.torch"][trainer.rank].clone())
+    if "rng.cuda" in tensors and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"][trainer.rank].clone(), trainer.device)
+    if meta.get("scaler") and getattr(trainer.accelerator, "scaler", None) is not None:
+        trainer.accelerator.scaler.load_state_dict(meta["scaler"])
+    trainer.method.load_state_dict(meta.get("method_state") or {})
+    trainer.iteration = int(meta["iteration"])
+    trainer.loss_avg = dict(meta.get("loss_avg", {}))
+    trainer.elapsed = float(meta.get("elapsed_s", 0.0))

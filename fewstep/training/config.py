@@ -1,7 +1,7 @@
 """The distillation run's configuration: one dataclass, one CLI flag per field, YAML recipes.
 
-Resolution order: dataclass defaults < the method's recipe for the teacher's data kind (RECIPES)
-< a YAML file (`--config`) < explicit flags. The resolved config is saved as `config.yaml` in the run.
+Resolution order: dataclass defaults < the method's recipe for the teacher's data kind (the method class'
+`recipes`) < a YAML file (`--config`) < explicit flags. The resolved config is saved as `config.yaml` in the run.
 """
 
 from __future__ import annotations
@@ -19,93 +19,67 @@ LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
+def _field(default=None, help: str = "", *, factory=None, cli: str | None = None):
+    """A DistillConfig field with its `fewstep distill` flag's help. `cli`: how the flag differs from the field:
+    "path" (a path on the command line), "int_list" (comma-separated integers), "none" (no flag of its own)."""
+    meta = {"help": help, **({"cli": cli} if cli else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DistillConfig:
-    method: str = "cd"
-    teacher: str = "toy:checkerboard"
-    out: str | None = None  # run directory (default: runs/<method>-<teacher>-<time>)
-    data: str | None = None  # real data for methods that need it (default: the teacher's training data)
-    iters: int | None = None  # None: the method's recipe for this kind of data
-    batch_size: int | None = None
-    lr: float | None = None
-    lr_schedule: str = "constant"  # constant | cosine (after the warm-up)
-    warmup: int = 100  # linear LR warm-up iterations
-    grad_clip: float = 1.0  # max grad norm per trained network (0 = off)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
-    ema: str = "fixed"  # EMA of the student used for sampling: none | fixed | power
-    ema_decay: float = 0.999  # fixed EMA decay
-    ema_gamma: float = 6.94  # power EMA exponent (Karras et al. 2024): beta_t = (1 - 1/t)^(gamma + 1)
-    guidance: float = 1.0  # teacher CFG scale (methods that guide the teacher with a fixed scale)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 50
-    sample_every: int = 500  # write a sample grid every N iterations (0 = only at the end)
-    checkpoint_every: int = 500  # 0 = only at the end
-    keep_checkpoints: int = 2
-    eval: bool = True  # final quality table (teacher vs student on the built-in metric)
-    eval_num: int | None = None  # samples for the quality table (default: 4096 toys, 2000 digits)
-    eval_steps: list[int] | None = None  # student step counts in the table (None: the method's, usually 1,2,4)
-    stop_after: int | None = None  # stop (with a checkpoint) after this many iterations of this invocation
-    options: dict = field(default_factory=dict)  # the method's own hyperparameters (`--opt KEY=VALUE`)
+    """A distillation run. Each field is one `fewstep distill` flag (generated from the field: its type, default
+    and help) and one key of config.yaml; a field left to None takes the method's recipe."""
+
+    method: str = _field("cd", "Distillation method (see `fewstep methods`; default cd).")
+    teacher: str = _field("toy:checkerboard", "Teacher: built-in name, model directory or run directory "
+                                              "(default toy:checkerboard).")
+    out: str | None = _field(None, "New run directory (default runs/METHOD-TEACHER-TIME); with --resume, the run.",
+                             cli="path")
+    data: str | None = _field(None, "Real data for methods that need it (default: the teacher's training data).")
+    iters: int | None = _field(None, "Training iterations (default: the method's recipe).")
+    batch_size: int | None = _field(None, "Batch size per process (default: the recipe).")
+    lr: float | None = _field(None, "Learning rate (default: the recipe).")
+    lr_schedule: str = _field("constant", "constant | cosine, after the warm-up (default: the recipe, else constant).")
+    warmup: int = _field(100, "Linear LR warm-up iterations (default 100).")
+    grad_clip: float = _field(1.0, "Max gradient norm per network, 0 = off (default 1).")
+    grad_accum: int = _field(1, "Micro-batches per optimizer step (default 1).")
+    mixed_precision: str = _field("no", "no | bf16 | fp16 (default no).")  # accelerate autocast
+    ema: str = _field("fixed", "Student EMA for sampling: none | fixed | power (default fixed).")
+    ema_decay: float = _field(0.999, "Fixed EMA decay (default: the recipe).")
+    # power EMA (Karras et al. 2024): beta_t = (1 - 1/t)^(gamma + 1)
+    ema_gamma: float = _field(6.94, "Power EMA exponent (default 6.94).")
+    guidance: float = _field(1.0, "Teacher CFG scale for conditional teachers (default 1).")
+    seed: int = _field(0, "Seed (default 0).")
+    device: str = _field("auto", "auto | cpu | cuda (default auto).")
+    log_every: int = _field(50, "Write a log.jsonl line every N iterations (default 50).")
+    sample_every: int = _field(500, "Write a sample grid every N iterations, 0 = at the end (default 500).")
+    checkpoint_every: int = _field(500, "Checkpoint every N iterations, 0 = at the end (default 500).")
+    keep_checkpoints: int = _field(2, "Checkpoints kept (default 2).")
+    eval: bool = _field(True, "Final quality table (default on).")  # teacher vs student on the built-in metric
+    eval_num: int | None = _field(None, "Samples per quality-table entry (default 4096 toys, 2000 digits).")
+    eval_steps: list[int] | None = _field(None, "Student step counts in the table, comma-separated (default: the "
+                                                "method's, 1,2,4 for most; 1 for one-step generators).",
+                                          cli="int_list")
+    stop_after: int | None = _field(None, "Stop after N iterations of this invocation (resume later).")
+    # the method's own hyperparameters: `--opt KEY=VALUE` (and a method's own flags, e.g. sCM's --mode)
+    options: dict = _field(help="A method option KEY=VALUE (repeatable; see `fewstep methods`).", factory=dict,
+                           cli="none")
     # text-to-image (diffusers) teachers
-    prompts: str | None = None  # prompt file (.txt one per line, .jsonl, .csv) or image-caption folder
-    resolution: str | None = None  # N or HxW pixels (default: the pipeline's own)
-    lora_rank: int | None = None  # LoRA rank of students and fake scores on the teacher's shared weights (0 = full)
-    lora_alpha: float | None = None  # LoRA alpha (default: the rank)
-    gradient_checkpointing: bool = False  # recompute activations of trained diffusers networks in the backward pass
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW, when installed)
+    prompts: str | None = _field(None, "Text-to-image teachers: prompt file (.txt one per line, .jsonl, .csv) or "
+                                       "image-caption folder; conditions are cached in RUN/cache.")
+    resolution: str | None = _field(None, "Diffusers teachers: N or HxW pixels (default: the pipeline's own).")
+    lora_rank: int | None = _field(None, "Diffusers teachers: LoRA rank of the student and fake scores on the "
+                                         "teacher's shared weights; 0 = full fine-tuning (default: the recipe).")
+    lora_alpha: float | None = _field(None, "LoRA alpha (default: the rank).")
+    gradient_checkpointing: bool = _field(False, "Recompute activations of trained diffusers networks in the backward "
+                                                 "pass (less memory; default off).")
+    optimizer: str = _field("adamw", "adamw | adamw8bit (bitsandbytes, if installed) (default adamw).")
 
 
-# (method, data kind) -> defaults for the run and the method's options; tuned on the built-in teachers
-RECIPES: dict[tuple[str, str], dict] = {
-    ("cd", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995,
-                   "options": {"num_timesteps": 40}},
-    ("cd", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
-    ("lcm", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
-    ("lcm", "image"): {"iters": 1500, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999},
-    # distribution matching: DMD2 keeps its 5:1 update ratio, so the generator gets iters / 5 updates
-    ("dmd2", "2d"): {"iters": 6000, "batch_size": 256, "lr": 1e-3},
-    ("dmd2", "image"): {"iters": 2000, "batch_size": 128, "lr": 2e-4},
-    ("dmd", "2d"): {"iters": 2000, "batch_size": 256, "lr": 3e-4},
-    ("dmd", "image"): {"iters": 1500, "batch_size": 128, "lr": 1e-4},
-    ("sid", "2d"): {"iters": 2000, "batch_size": 256, "lr": 3e-4},
-    ("sid", "image"): {"iters": 1500, "batch_size": 128, "lr": 1e-4},
-    ("reflow", "2d"): {"iters": 1000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995,
-                       "options": {"pair_num": 20000}},
-    ("reflow", "image"): {"iters": 1000, "batch_size": 128, "lr": 5e-4, "ema_decay": 0.999,
-                          "options": {"pair_num": 10000, "pair_steps": 32}},
-    # TDM: fresh noise up to the top of the time range (interval=max) and pseudo-Huber c=0.03 (the paper's 1e-3
-    # is per element on SD latents; on these small teachers it turns the update into a sign and stalls them);
-    # digits trains the step counts in proportion to their steps (linear), so every (step count, step) is
-    # seen equally often. 2-D: the unbiased fake-score target, the 4-step grid 9x as often as each smaller
-    # count, two critic updates per generator update (3000 generator updates) and a large batch with cosine
-    # decay; the 4-step checkerboard student then scores like the teacher's 50 steps (README)
-    ("tdm", "2d"): {"iters": 6000, "batch_size": 2048, "lr": 1e-4, "lr_schedule": "cosine",
-                    "options": {"interval": "max", "huber_c": 0.03, "fake_target": "state", "step_weights": "full:9",
-                                "update_ratio": 2}},
-    ("tdm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5,
-                       "options": {"interval": "max", "huber_c": 0.03, "step_weights": "linear"}},
-    # diffusers text-to-image teachers: starting points from the papers (LCM-LoRA: rank 64, lr 1e-4; the student
-    # learns the teacher at a fixed CFG scale, without a guidance input, so the LoRA file is all it needs)
-    ("cd", "text2image"): {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64},
-    ("lcm", "text2image"): {"iters": 1000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "lora_rank": 64,
-                            "guidance": 7.5, "options": {"guidance_embed": False}},
-    # sCM is unstable at CD's learning rates with these teachers (their 1000-scaled time embeddings make dF/dt large)
-    ("scm", "2d"): {"iters": 4000, "batch_size": 256, "lr": 5e-5, "ema_decay": 0.995,
-                    "options": {"sigma_d": 1.0, "tangent_warmup": 500}},
-    ("scm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5, "ema_decay": 0.999,
-                       "options": {"sigma_d": 0.5, "tangent_warmup": 500}},
-    # rCM: sCM's settings for the consistency term; the critic learns at 20x the student's (small) lr; on these
-    # small teachers the student is updated every iteration with the DMD term on its 1-step samples (at sCM's
-    # budget, rCM's 5:1 ratio and 1-4 step simulation left the 1-step sample behind sCM's)
-    ("rcm", "2d"): {"iters": 4000, "batch_size": 256, "lr": 5e-5, "ema_decay": 0.995,
-                    "options": {"sigma_d": 1.0, "tangent_warmup": 500, "fake_lr_scale": 20.0, "update_ratio": 1,
-                                "sim_steps": 1}},
-    ("rcm", "image"): {"iters": 2000, "batch_size": 128, "lr": 5e-5, "ema_decay": 0.999,
-                       "options": {"sigma_d": 0.5, "tangent_warmup": 500, "fake_lr_scale": 20.0, "update_ratio": 1,
-                                   "sim_steps": 1}},
-}
+# the run's defaults for a method without a recipe for this kind of data (recipes live on the method classes)
 FALLBACK = {"iters": 1000, "batch_size": 64, "lr": 1e-4}
 
 
@@ -194,7 +168,9 @@ def resolve(cfg: DistillConfig, data_kind: str, explicit: set[str]) -> DistillCo
 
     `explicit`: the fields the user set (YAML or flags); the recipe never overrides those.
     """
-    recipe = dict(RECIPES.get((cfg.method, data_kind), FALLBACK))
+    from fewstep.methods import get_method
+
+    recipe = dict(get_method(cfg.method).recipes.get(data_kind, FALLBACK))
     values = dataclasses.asdict(cfg)
     for key, value in recipe.items():
         if key == "options":
@@ -219,3 +195,20 @@ def parse_option(text: str) -> tuple[str, object]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def teacher_options(cfg: DistillConfig) -> dict:
+    """Options for loading the teacher (diffusers teachers: the run's resolution)."""
+    return {"resolution": cfg.resolution} if cfg.resolution is not None else {}
+
+
+def student_options(cfg: DistillConfig) -> dict:
+    """How methods derive students and fake scores from a diffusers teacher (`DistillMethod.student_options`)."""
+    out = {}
+    if cfg.lora_rank:
+        out["lora_rank"] = int(cfg.lora_rank)
+        if cfg.lora_alpha:
+            out["lora_alpha"] = float(cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        out["gradient_checkpointing"] = True
+    return out

@@ -6,17 +6,11 @@ import functools
 from pathlib import Path
 
 from fewstep.fileio import atomic_write
+from fewstep.teachers import data_kind, load_model
+from fewstep.training.config import teacher_options
+from fewstep.training.run import METRICS, SAMPLES, STUDENT, STUDENT_ONLINE, append_log
 
 DEFAULT_EVAL_NUM = {"2d": 4096, "image": 2000, "text2image": 16}
-
-
-def data_kind(denoiser) -> str:
-    """"2d" for point data (shape (D,)), "text2image" for text-conditioned latent models (diffusers teachers),
-    "image" otherwise (recipes and defaults are chosen by it)."""
-    shape = denoiser.data_shape
-    if getattr(denoiser, "cond_kind", None) == "text" and getattr(denoiser, "components", None) is not None:
-        return "text2image"
-    return "2d" if shape is not None and len(shape) == 1 else "image"
 
 
 GRID_SEED = 1234  # sample grids use fixed per-sample seeds, separate from the training RNG
@@ -120,3 +114,54 @@ def table_text(rows: list[dict]) -> str:
         lines.append(f"{r['model']:<16} {r['solver']:<8} {r['steps']:>5}  {r['metric']:<10} {r['value']:>9.4f}"
                      + "".join(f" {r[e]:>14.4f}" if e in r else f" {'':>14}" for e in extras))
     return "\n".join(lines)
+
+
+def finish_run(trainer, progress_eval=None) -> dict:
+    """The end of a finished run (main process; the others return the summary only): save the student (and the
+    raw online weights when it is an EMA), a sample grid per evaluated step count, the quality table (teacher
+    vs student on the data's built-in metric; the teacher in full precision), metrics.json and the log's
+    "quality" line."""
+    import json
+    import time
+
+    from fewstep.models.io import save_denoiser
+
+    cfg, out = trainer.cfg, trainer.out
+    result: dict = {"run": str(out), "method": cfg.method, "teacher": cfg.teacher,
+                    "iterations": trainer.iteration, "train_seconds": round(trainer.elapsed, 2)}
+    if not trainer.accelerator.is_main_process:
+        return result
+    model = trainer.sampling_model()
+    save_denoiser(model, out / STUDENT)
+    if trainer.ema is not None:
+        online = trainer.student
+        online.meta.update(trainer.student_meta())
+        save_denoiser(online, out / STUDENT_ONLINE)
+    eval_steps = tuple(cfg.eval_steps or trainer.method.eval_steps())
+    for steps in eval_steps:
+        save_sample_grid(model, out / SAMPLES / f"final_{steps}step.png", steps=steps, cond=trainer.grid_cond())
+    result["student"] = str(out / STUDENT)
+    rows = []
+    data = trainer.data_name or trainer.teacher.meta.get("data")
+    kind = data_kind(trainer.teacher)
+    if cfg.eval and data is not None and kind != "text2image":  # no built-in text metric
+        num = cfg.eval_num or DEFAULT_EVAL_NUM[kind]
+        spec = cfg.teacher if not Path(cfg.teacher).exists() else None
+        t0 = time.perf_counter()
+        teacher = trainer.teacher
+        if trainer.teacher_cast:  # the table scores the teacher in full precision, not its bf16 training copy
+            teacher = (trainer.teacher_fp32 if trainer.teacher_given
+                       else load_model(cfg.teacher, **teacher_options(cfg)))
+            teacher.to(trainer.device).eval()
+        rows = quality_table(teacher, model, data, num=num, student_steps=eval_steps, teacher_spec=spec,
+                             guidance=cfg.guidance, progress=progress_eval)
+        result["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    result["table"] = rows
+    for key, value in trainer.method.metrics().items():  # the method's own numbers (e.g. reflow's straightness)
+        result.setdefault(key, value)
+    metrics = dict(result)
+    atomic_write(out / METRICS, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+    if rows:
+        append_log(out, {"iteration": trainer.iteration, "event": "quality", "table": rows})
+        result["table_text"] = table_text(rows)
+    return result

@@ -67,7 +67,7 @@ def test_dm_gradient_points_from_the_fake_toward_the_real_score(s2_fake):
     loss.backward()
     update = -x.grad
     c = method.config
-    x_t, t, _ = method._noised(x.detach(), ctx(7), c.t_min, c.t_max)  # the same draws as inside dm_loss
+    x_t, t, _ = method.noised(x.detach(), ctx(7), c.t_min, c.t_max)  # the same draws as inside dm_loss
     gap = gaussian_score(x_t, t, mu_r, 0.25) - gaussian_score(x_t, t, mu_f, s2_fake)
     cos = torch.nn.functional.cosine_similarity(update, gap, dim=1)
     assert torch.all(cos > 1 - 1e-4)
@@ -130,7 +130,7 @@ def test_fake_score_is_trained_with_the_teachers_own_objective():
         shifted = method.denoising_loss(gaussian([0.5, 0.0], 0.25), x, None, ctx(3))
         assert float(shifted) > float(exact) + 0.01
         # for a flow teacher the native objective is the velocity MSE: the same draws, computed by hand
-        x_t, t, eps = method._noised(x, ctx(3), 0.0, 1.0)
+        x_t, t, eps = method.noised(x, ctx(3), 0.0, 1.0)
         v = gaussian([0.0, 0.0], 0.25).net(x_t, t)
     assert float(exact) == pytest.approx(float(((v - (eps - x)) ** 2).mean()), rel=1e-5)
 

@@ -10,12 +10,11 @@ import dataclasses
 
 import pytest
 
-from fewstep.methods.reflow import ReflowConfig
+from fewstep.methods.reflow import Reflow, ReflowConfig
 from fewstep.sampling.pairs import generate_pairs
-from fewstep.teachers import load_teacher
+from fewstep.teachers import data_kind, load_teacher
 from fewstep.training import distill
-from fewstep.training.config import RECIPES
-from fewstep.training.report import DEFAULT_EVAL_NUM, data_kind, evaluate_model
+from fewstep.training.report import DEFAULT_EVAL_NUM, evaluate_model
 
 TEACHERS = ["toy:checkerboard", "digits"]
 
@@ -32,7 +31,7 @@ def recipe_pairs(tmp_path_factory):
     def get(teacher):
         if teacher not in made:
             den = load_teacher(teacher)
-            opts = {**dataclasses.asdict(ReflowConfig()), **RECIPES[("reflow", data_kind(den))]["options"]}
+            opts = {**dataclasses.asdict(ReflowConfig()), **Reflow.recipes[data_kind(den)]["options"]}
             out = tmp_path_factory.mktemp("pairs") / teacher.replace(":", "_")
             generate_pairs(den, out, opts["pair_num"], steps=opts["pair_steps"], solver=opts["pair_solver"],
                            spacing=opts["pair_spacing"], seed=opts["pair_seed"], shard_size=opts["pair_shard_size"],

@@ -59,7 +59,7 @@ def test_critic_regresses_x0_with_weight_one_plus_sigma_d_squared_snr():
     nets = {k: r.module for k, r in m.networks().items()}
     x = torch.randn(32, 2)
     loss = m.critic_loss(nets["fake_score"], x, None, ctx(4))
-    x_t, t, _ = m.dm._noised(x, ctx(4), 0.02, 0.98)
+    x_t, t, _ = m.dm.noised(x, ctx(4), 0.02, 0.98)
     with torch.no_grad():
         pred = nets["fake_score"](x_t, t)
     snr = ((1 - t) / t) ** 2

@@ -1,6 +1,6 @@
 import pytest
 
-from fewstep.methods import base
+from fewstep.methods import registry
 
 
 @pytest.fixture
@@ -9,8 +9,8 @@ def register(monkeypatch):
 
     def _register(name, cls):
         cls.name = name
-        monkeypatch.setitem(base._REGISTRY, name, cls)
-        base._load_builtin_methods()
+        monkeypatch.setitem(registry._REGISTRY, name, cls)
+        registry.discover_methods()
         return cls
 
     return _register

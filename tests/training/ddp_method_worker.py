@@ -11,7 +11,8 @@ from ddp_worker import digest  # the script's own folder is on sys.path
 def main(method: str, out: str, options: str) -> None:
     from accelerate.state import PartialState
 
-    from fewstep.training.trainer import Trainer, prepare_run, write_config
+    from fewstep.training.run import prepare_run, write_config
+    from fewstep.training.trainer import Trainer
 
     state = PartialState(cpu=True)
     values = dict(method=method, teacher="digits", iters=4, batch_size=4, out=out, eval=False, sample_every=0,

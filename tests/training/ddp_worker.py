@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from fewstep.training.trainer import Trainer, prepare_run, write_config
+from fewstep.training.report import finish_run
+from fewstep.training.run import prepare_run, write_config
+from fewstep.training.trainer import Trainer
 
 
 def digest(module) -> str:
@@ -34,10 +36,10 @@ def main(out: str) -> None:
     tr.gen.set_state(torch.Generator().manual_seed(cfg.seed * 1_000_003 + tr.rank + 1).get_state())
     teacher = digest(tr.teacher.net)
     tr.train()
-    tr.finish()
-    from fewstep.training import trainer
+    finish_run(tr)
+    from fewstep.training import accelerator
 
-    assert trainer._exit_hook_registered  # the gloo group is torn down at exit, while Python is alive
+    assert accelerator._exit_hook_registered  # the gloo group is torn down at exit, while Python is alive
     Path(out, f"rank{tr.rank}.json").write_text(json.dumps({
         "world_size": tr.world, "student": digest(tr.student.net), "ema": digest(tr.ema.net),
         "teacher": teacher, "first_batch": hashlib.sha256(first.numpy().tobytes()).hexdigest()}))

@@ -240,7 +240,7 @@ def test_two_cpu_processes_hold_identical_weights(tmp_path):
 def test_destroy_process_group_tears_down_an_initialised_group():
     import torch.distributed as dist
 
-    from fewstep.training.trainer import destroy_process_group
+    from fewstep.training.accelerator import destroy_process_group
 
     destroy_process_group()  # nothing initialised: a no-op
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -250,7 +250,7 @@ def test_destroy_process_group_tears_down_an_initialised_group():
 
 
 def test_default_run_is_cd_on_the_checkerboard():
-    from fewstep.training.trainer import prepare_run
+    from fewstep.training.run import prepare_run
 
     cfg = prepare_run({}, explicit=set(), check_out=False)
     assert (cfg.method, cfg.teacher, cfg.iters, cfg.batch_size) == ("cd", "toy:checkerboard", 1000, 256)

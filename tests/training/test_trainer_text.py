@@ -14,7 +14,7 @@ from fewstep.methods import DistillMethod, Phase, Role
 from fewstep.models.gan import capture_features, feature_layer
 from fewstep.teachers.random_pipelines import save_caption_folder, save_random_pipeline
 from fewstep.training import distill
-from fewstep.training.trainer import make_optimizer
+from fewstep.training.optim import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
