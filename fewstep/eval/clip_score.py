@@ -138,7 +138,7 @@ def compute_clip_score(samples, prompts, *, clip: str | Path, batch_size: int = 
                        progress=None) -> dict:
     """CLIP score of `samples` (image folder or samples .npz, in file order) against `prompts`
     (a list, or a text file with one prompt per line; a single prompt applies to every image)."""
-    from fewstep.eval.fid import ImageFolderSamples, NpzSamples
+    from fewstep.eval.sources import ImageFolderSamples, NpzSamples
 
     if batch_size < 1:
         raise FewstepError(f"--batch-size must be >= 1, got {batch_size}")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fewstep.errors import FewstepError
+from fewstep.exporters.card import model_card
 
 CHECK_STEPS = tuple(range(1, 9))
 
@@ -137,78 +138,6 @@ def _staged(out: Path, write) -> Path:
     return out
 
 
-def usage_snippet(den, info: dict, load: str) -> str:
-    meta = den.meta
-    h, w = meta.get("resolution", [None, None])
-    g = float(meta.get("default_guidance", 1.0))
-    n = info["default_steps"]
-    return "\n".join([
-        "```python",
-        "import torch",
-        "from diffusers import DiffusionPipeline",
-        "",
-        *load.splitlines(),
-        f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={g}, height={h}, width={w},',
-        "             generator=torch.Generator().manual_seed(0)).images[0]",
-        "```",
-    ])
-
-
-def model_card(den, info: dict, fmt: str, rows: list[dict], out: Path, run: dict | None = None) -> str:
-    """README.md text: what the student is, how it samples, how to load it, the run's metrics (the quality table
-    when the run has one, else its training time and last logged losses)."""
-    run = run or {}
-    meta = den.meta
-    net = den.net
-    lora = getattr(net, "role", "") == "lora"
-    kind = f"LoRA (rank {net.rank}, alpha {net.alpha:g}) on the teacher's weights" if lora else "full fine-tuning"
-    g = float(meta.get("default_guidance", 1.0))
-    guided = "a guidance-scale input (LCM-style; no CFG pass)" if den.guidance_embedded else (
-        "classifier-free guidance" if g != 1.0 else "no classifier-free guidance")
-    lines = [
-        "---", "library_name: diffusers", "tags: [fewstep, distillation, few-step]", "---", "",
-        f"# {meta.get('method', 'fewstep')} student of {meta.get('teacher_name', meta.get('source', 'a teacher'))}", "",
-        f"- method: `{meta.get('method', 'n/a')}`, {meta.get('iterations', 'n/a')} iterations ({kind})",
-        f"- teacher: `{meta.get('source', 'n/a')}` ({meta.get('pipeline', '')})",
-        f"- steps: {info['default_steps']} by default (model times {info['timesteps']}); guidance scale {g:g} "
-        f"({guided})",
-        f"- sampler: fewstep `{meta.get('default_solver')}` with {meta.get('default_renoise', 'fresh')} re-noise; "
-        f"scheduler `{info['scheduler']}` reproduces it at {', '.join(map(str, info['exact_steps'])) or 'no'} "
-        "step(s)",
-        f"- resolution: {meta.get('resolution')}",
-        *([f"- distilled with the teacher at CFG scale {run['guidance']:g}"] if run.get("guidance") is not None
-          else []),
-        "",
-        "## Use", "",
-    ]
-    if fmt == "diffusers":
-        load = f'pipe = DiffusionPipeline.from_pretrained("{out}")'
-    else:
-        load = "\n".join([f"from diffusers import {info['scheduler']}",
-                          f'pipe = DiffusionPipeline.from_pretrained("{meta.get("source")}")',
-                          f'pipe.load_lora_weights("{out}")',
-                          f'pipe.scheduler = {info["scheduler"]}.from_pretrained("{out}", subfolder="scheduler")'])
-    lines += [usage_snippet(den, info, load), "",
-              "Images equal `fewstep sample --model RUN --prompt ... --seed S` when the pipeline gets one generator "
-              "per image: `generator=[torch.Generator().manual_seed(s) for s in "
-              "fewstep.sampling.sample_seeds(S, 0, N)]` (float32; seed S=0 and one image: "
-              "`torch.Generator().manual_seed(0)`).", ""]
-    lines += ["## Metrics", ""]
-    if rows:
-        lines += ["| model | solver | steps | metric | value |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['solver']} | {r['steps']} | {r['metric']} | {r['value']:.4f} |" for r in rows]
-    else:
-        lines.append("No quality table (fewstep has no built-in text-to-image metric; score samples with "
-                     "`fewstep eval fid` or `fewstep eval clip`).")
-    if run.get("train_seconds") is not None:
-        lines.append(f"Training: {run['train_seconds']} s.")
-    if run.get("losses"):
-        lines.append("Last logged losses (moving averages): " +
-                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(run["losses"].items())) + ".")
-    lines.append("")
-    return "\n".join(lines)
-
-
 def export_pipeline(den, out: str | Path, rows: list[dict] | None = None, run: dict | None = None) -> dict:
     """A complete diffusers pipeline folder with the student (LoRA merged) and its scheduler, plus README.md."""
     _require_diffusers_student(den, "diffusers")
@@ -221,7 +150,7 @@ def export_pipeline(den, out: str | Path, rows: list[dict] | None = None, run: d
     if base_dtype in (torch.float16, torch.bfloat16):
         model.to(base_dtype)
     new = _new_pipeline(pipe, **{name: model, "scheduler": sched})
-    card = model_card(den, info, "diffusers", rows or [], out, run)
+    card = model_card(den, "diffusers", out, rows, run, info)
 
     def write(staging: Path):
         new.save_pretrained(str(staging), safe_serialization=True)
@@ -243,7 +172,7 @@ def export_lora(den, out: str | Path, rows: list[dict] | None = None, run: dict 
     sched, info = scheduler_for(den)
     pipe = den.components.pipe
     key = "transformer_lora_layers" if den.net.arch == "sd3" else "unet_lora_layers"
-    card = model_card(den, info, "lora", rows or [], out, run)
+    card = model_card(den, "lora", out, rows, run, info)
 
     def write(staging: Path):
         type(pipe).save_lora_weights(str(staging), **{key: state}, safe_serialization=True)

@@ -16,8 +16,9 @@ from support import ok_json as last_json
 
 from fewstep import api
 from fewstep.errors import FewstepError
-from fewstep.eval.fid import ImageFolderSamples, ModelSamples, NpzSamples, load_reference_stats, open_samples
+from fewstep.eval.fid import load_reference_stats
 from fewstep.eval.inception import PTH_NAME, TORCHSCRIPT_NAME, file_sha256
+from fewstep.eval.sources import ImageFolderSamples, ModelSamples, NpzSamples, open_samples
 
 SEED, STEPS, NUM, BATCH = 3, 2, 6, 4
 
