@@ -2,8 +2,21 @@
 
 __version__ = "0.1.0.dev0"
 
-from fewstep.api import distill, evaluate_samples, export, load_model, pairs, sample, train_teacher  # noqa: E402
+from fewstep.api import (  # noqa: E402
+    clip_score,
+    distill,
+    evaluate_samples,
+    export,
+    fid,
+    list_methods,
+    list_teachers,
+    load_model,
+    pairs,
+    reference_stats,
+    sample,
+    train_teacher,
+)
 from fewstep.errors import FewstepError  # noqa: E402
 
-__all__ = ["FewstepError", "__version__", "distill", "evaluate_samples", "export", "load_model", "pairs", "sample",
-           "train_teacher"]
+__all__ = ["FewstepError", "__version__", "clip_score", "distill", "evaluate_samples", "export", "fid", "list_methods",
+           "list_teachers", "load_model", "pairs", "reference_stats", "sample", "train_teacher"]

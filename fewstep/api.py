@@ -1,4 +1,6 @@
-"""The Python API behind every CLI command: one call each, importable as ``from fewstep import ...``."""
+"""The Python API: the one entrance for users and for the CLI. Every `fewstep` command is one call of a function
+here (`fewstep sample` -> `sample`, `fewstep eval fid` -> `fid`, `fewstep teacher list` -> `teachers`, ...);
+they are importable as ``from fewstep import ...``. Nothing below this module imports it."""
 
 from __future__ import annotations
 
@@ -9,22 +11,7 @@ import torch
 
 from fewstep.errors import FewstepError, check_choice
 from fewstep.outputs import ensure_new_path, load_samples, save_samples
-
-
-def load_model(spec: str | Path, device="cpu", **teacher_options):
-    """A Denoiser from a built-in teacher name, a model directory (config.json + model.safetensors), a
-    diffusers pipeline (alias, hub id or folder; `teacher_options`: resolution, dtype), or a distillation
-    run directory (its student: the EMA weights when the run kept an EMA)."""
-    from fewstep.teachers import load_teacher
-
-    path = Path(str(spec))
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "config.yaml").is_file():
-        student = path / "student"
-        if not (student / "config.json").is_file():
-            raise FewstepError(f"run {str(path)!r} has no finished student yet (student/ is missing); "
-                               f"continue it with `fewstep distill --resume --out {path}`")
-        return load_teacher(student, device)
-    return load_teacher(spec, device, **teacher_options)
+from fewstep.teachers import load_model
 
 
 def _check_positive(name: str, value, minimum=1):
@@ -222,86 +209,99 @@ def pairs(teacher: str, out: str | Path, *, num: int, steps: int | None = None, 
     return result
 
 
+def fid(samples, ref, *, progress=None, **options) -> dict:
+    """FID (optionally KID and precision/recall) of `samples` (an image folder, a samples .npz, or a model sampled
+    `num` times) against `ref` (an image folder, a samples .npz, or a statistics .npz); see
+    `fewstep.eval.fid.compute_fid` for the options. `progress(stage, n, total)` as batches are done."""
+    from fewstep.eval.fid import compute_fid
+
+    return compute_fid(samples, ref, progress=progress, **options)
+
+
+def reference_stats(images, out: str | Path, *, progress=None, **options) -> dict:
+    """Inception statistics of an image folder or samples .npz written once to the new .npz `out`, for
+    `fid(..., ref=out)` (see `fewstep.eval.fid.reference_stats`)."""
+    from fewstep.eval.fid import reference_stats as _reference_stats
+
+    return _reference_stats(images, out, progress=progress, **options)
+
+
+def clip_score(samples, prompts, *, clip, progress=None, **options) -> dict:
+    """CLIP score, 100 * max(cos(image, prompt), 0) averaged over images, with a local CLIP folder `clip`
+    (see `fewstep.eval.clip_score.compute_clip_score`)."""
+    from fewstep.eval.clip_score import compute_clip_score
+
+    return compute_clip_score(samples, prompts, clip=clip, progress=progress, **options)
+
+
+def list_teachers() -> list[dict]:
+    """The built-in teachers: name, data, shape, conditioning and parameter count of each."""
+    from fewstep.teachers import BUILTIN_TEACHERS, load_teacher
+
+    rows = []
+    for name in BUILTIN_TEACHERS:
+        den = load_teacher(name)
+        rows.append({"name": name, "data": den.meta.get("data"), "shape": list(den.data_shape or []),
+                     "conditioning": den.cond_kind, "params": sum(p.numel() for p in den.parameters())})
+    return rows
+
+
 def train_teacher(data: str, out: str | Path, **kwargs) -> dict:
-    """Train a flow-matching teacher on built-in data or an image folder (see fewstep.teachers.train)."""
+    """Train a flow-matching teacher on built-in data or an image folder into the new directory `out` (see
+    fewstep.teachers.train)."""
     from fewstep.teachers.train import train_teacher as _train
 
+    ensure_new_path(out, "--out")
     return _train(data, out, **kwargs)
 
 
-def distill(config=None, **kwargs) -> dict:
-    """Distill a teacher into a few-step student (see fewstep.training.distill)."""
+def distill(config=None, *, resume: bool = False, progress=None, progress_eval=None, status=None,
+            teacher_model=None, **overrides) -> dict:
+    """Distill a teacher into a few-step student; returns a JSON-able summary with the quality table.
+
+    `config`: a YAML recipe path, a dict or a DistillConfig; keyword `overrides` are DistillConfig fields
+    (method, teacher, iters, batch_size, lr, out, ...) and win over it; `options` (the method's own) update the
+    config's options key by key. `resume=True` continues the run in `out`. Progress callbacks: `progress(iteration,
+    total, losses)`, `progress_eval()` per quality-table row, `status(text)`. See fewstep.training.distill.
+    """
     from fewstep.training import distill as _distill
 
-    return _distill(config, **kwargs)
+    return _distill(config, resume=resume, progress=progress, progress_eval=progress_eval, status=status,
+                    teacher_model=teacher_model, **overrides)
 
 
-EXPORT_FORMATS = ("safetensors", "diffusers", "lora")
+def list_methods() -> list[dict]:
+    """The distillation methods: name, description and options with their defaults."""
+    import dataclasses
 
+    from fewstep.methods import available_methods, get_method
 
-def run_summary(run: str | Path, metrics: dict) -> dict:
-    """What a model card reports about the run that made a student: its CFG scale, training time and the last
-    logged (averaged) losses."""
-    import json
-
-    run = Path(run)
-    out: dict = {}
-    if (run / "config.yaml").is_file():
-        from fewstep.training.config import load_yaml
-
-        cfg = load_yaml(run / "config.yaml")
-        out.update({k: cfg.get(k) for k in ("guidance", "iters", "batch_size", "lr", "lora_rank", "resolution")})
-    if metrics.get("train_seconds") is not None:
-        out["train_seconds"] = metrics["train_seconds"]
-    if (run / "log.jsonl").is_file():
-        for line in reversed((run / "log.jsonl").read_text().splitlines()):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "losses_avg" in rec:
-                out["losses"] = rec["losses_avg"]
-                break
-    return out
+    rows = []
+    for name in available_methods():
+        cls = get_method(name)
+        opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(cls.config_class)}
+        rows.append({"name": name, "description": cls.description, "options": opts})
+    return rows
 
 
 def export(run: str | Path, out: str | Path, *, format: str = "safetensors") -> dict:
-    """Write a run's student to the new directory `out`: fewstep's safetensors + config.json + README.md, a
+    """Write a run's student to the new directory `out`: fewstep's safetensors + config.json (`safetensors`), a
     complete diffusers pipeline folder (`diffusers`, students of diffusers teachers) or diffusers LoRA weights
     (`lora`), each with a model card."""
-    import json
+    from fewstep.exporters import EXPORT_FORMATS, export_lora, export_pipeline, export_safetensors
+    from fewstep.training.run import read_metrics, run_summary
 
-    from fewstep.models.io import CONFIG, WEIGHTS, save_denoiser
-
-    if format not in EXPORT_FORMATS:
-        raise FewstepError(f"unknown --format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    check_choice("--format", format, EXPORT_FORMATS)
     if not Path(run).exists():
         raise FewstepError(f"run {str(run)!r} not found")
     out = ensure_new_path(out, "--out")
     den = load_model(run)
-    metrics_path = Path(run) / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    rows = metrics.get("table") or []
-    if format in ("diffusers", "lora"):
-        from fewstep.exporters import export_lora, export_pipeline
-
-        res = (export_pipeline if format == "diffusers" else export_lora)(den, out, rows, run_summary(run, metrics))
-        return {"run": str(run), "format": format, "out": str(out), "scheduler": res["scheduler"]["scheduler"],
-                "exact_steps": res["scheduler"]["exact_steps"], "files": [str(out / f) for f in res["files"]]}
-    save_denoiser(den, out)
-    meta = den.meta
-    card = [f"# fewstep student ({meta.get('method', 'model')})", "",
-            f"- distilled from: {meta.get('distilled_from', 'n/a')}",
-            f"- method: {meta.get('method', 'n/a')}, iterations: {meta.get('iterations', 'n/a')}",
-            f"- sampler: {meta.get('default_solver')} with {meta.get('default_steps')} step(s) by default, "
-            f"guidance {meta.get('default_guidance', 1.0)}",
-            f"- load: `fewstep sample --model {out} --steps 1`", ""]
-    if rows:
-        card += ["| model | solver | steps | metric | value |", "|---|---|---|---|---|"]
-        card += [f"| {r['model']} | {r['solver']} | {r['steps']} | {r['metric']} | {r['value']:.4f} |"
-                 for r in rows]
-    from fewstep.fileio import atomic_write
-
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text("\n".join(card) + "\n"))
-    return {"run": str(run), "format": format, "out": str(out),
-            "files": [str(out / WEIGHTS), str(out / CONFIG), str(out / "README.md")]}
+    metrics = read_metrics(run)
+    rows, summary = metrics.get("table") or [], run_summary(run, metrics)
+    if format == "safetensors":
+        res = export_safetensors(den, out, rows, summary)
+        return {"run": str(run), "format": format, "out": str(out), "files": res["files"]}
+    res = (export_pipeline if format == "diffusers" else export_lora)(den, out, rows, summary)
+    return {"run": str(run), "format": format, "out": str(out), "scheduler": res["scheduler"]["scheduler"],
+            "exact_steps": res["scheduler"]["exact_steps"], "files": [str(out / f) for f in res["files"]]}

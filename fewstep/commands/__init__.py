@@ -1,1 +1,3 @@
-"""CLI command groups that live outside `fewstep/cli.py`; each module has `register(app)`."""
+"""The `fewstep` commands, one module per command group, each with `register(app)`; `common.py` holds what they
+share. A command parses its flags, calls one function of `fewstep.api` and prints the result; `fewstep/cli.py`
+assembles the app from these modules."""
