@@ -1,5 +1,5 @@
 """The Python API: the one entrance for users and for the CLI. Every `fewstep` command is one call of a function
-here (`fewstep sample` -> `sample`, `fewstep eval fid` -> `fid`, `fewstep teacher list` -> `teachers`, ...);
+here (`fewstep sample` -> `sample`, `fewstep eval fid` -> `fid`, `fewstep teacher list` -> `list_teachers`, ...);
 they are importable as ``from fewstep import ...``. Nothing below this module imports it."""
 
 from __future__ import annotations
@@ -256,18 +256,19 @@ def train_teacher(data: str, out: str | Path, **kwargs) -> dict:
 
 
 def distill(config=None, *, resume: bool = False, progress=None, progress_eval=None, status=None,
-            teacher_model=None, **overrides) -> dict:
+            teacher_model=None, update_options: dict | None = None, **overrides) -> dict:
     """Distill a teacher into a few-step student; returns a JSON-able summary with the quality table.
 
     `config`: a YAML recipe path, a dict or a DistillConfig; keyword `overrides` are DistillConfig fields
-    (method, teacher, iters, batch_size, lr, out, ...) and win over it; `options` (the method's own) update the
-    config's options key by key. `resume=True` continues the run in `out`. Progress callbacks: `progress(iteration,
-    total, losses)`, `progress_eval()` per quality-table row, `status(text)`. See fewstep.training.distill.
+    (method, teacher, iters, batch_size, lr, out, ...) and win over it (`options` replaces the config's method
+    options); `update_options` sets method options on top of them key by key, as `--opt KEY=VALUE` does.
+    `resume=True` continues the run in `out`. Progress callbacks: `progress(iteration, total, losses)`,
+    `progress_eval()` per quality-table row, `status(text)`. See fewstep.training.distill.
     """
     from fewstep.training import distill as _distill
 
     return _distill(config, resume=resume, progress=progress, progress_eval=progress_eval, status=status,
-                    teacher_model=teacher_model, **overrides)
+                    teacher_model=teacher_model, update_options=update_options, **overrides)
 
 
 def list_methods() -> list[dict]:

@@ -156,6 +156,22 @@ def test_the_api_is_the_entrance_of_every_command():
                                      ("common", "distill", "evaluate", "export", "pairs", "sample", "teacher")}
 
 
+def test_importing_a_lower_layer_does_not_load_the_ones_above():
+    """`fewstep/__init__.py` loads the API on first use, so the layers hold at run time too."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fewstep.diffusion, fewstep.models, fewstep.sampling\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['fewstep', 'api'], ['fewstep', 'training'],"
+            " ['fewstep', 'methods'], ['fewstep', 'cli'])))\n"
+            "import fewstep\n"
+            "assert fewstep.sample.__module__ == 'fewstep.api'\n"
+            "assert fewstep.FewstepError.__module__ == 'fewstep.errors'\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"
+
+
 # -- the checker itself ------------------------------------------------------------------------------------
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():

@@ -183,11 +183,29 @@ def _flag_type(hint, cli: str | None):
     return args[0] if args else hint
 
 
+def format_default(value) -> str:
+    """A default as a help text shows it: on/off for booleans, 1 for 1.0."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    """A field's help (metadata["help"]) with "{default}" replaced by its default."""
+    text = f.metadata.get("help", "")
+    if "{default}" in text and f.default is not dataclasses.MISSING:
+        text = text.replace("{default}", format_default(f.default))
+    return text
+
+
 def dataclass_flags(cls) -> list[inspect.Parameter]:
     """One keyword parameter per field of the dataclass `cls` (in field order), defaulting to None so that only
     the flags a user gives override a config: `--name-with-dashes`, typed like the field, its help from the
-    field's metadata["help"]; booleans get `--name/--no-name`. Fields whose metadata["cli"] is "none" get no
-    flag; "path" fields take a path, "int_list" fields comma-separated integers (see `dataclass_values`)."""
+    field's metadata["help"] (`flag_help`: its default filled in); booleans get `--name/--no-name`. Fields whose
+    metadata["cli"] is "none" get no flag; "path" fields take a path, "int_list" fields comma-separated integers
+    (see `dataclass_values`)."""
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
@@ -196,7 +214,7 @@ def dataclass_flags(cls) -> list[inspect.Parameter]:
             continue
         typ = _flag_type(hints[f.name], cli)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = flag_help(f)
         if typ is bool:
             option = typer.Option(None, f"{flag}/--no-{f.name.replace('_', '-')}", help=help_text)
         else:

@@ -39,13 +39,18 @@ def register(app: typer.Typer) -> None:
 
 
 def method_flags() -> dict[str, str]:
-    """Flags that set one method option, from every method's `cli_options` (name -> help)."""
+    """Flags that set one method option, from every method's `cli_options` (name -> help). A name that is
+    already a flag (a config field, --config, --resume, --opt, --json) is left to `--opt NAME=VALUE`."""
+    import dataclasses
+
     from fewstep.methods import available_methods, get_method
 
+    taken = {f.name for f in dataclasses.fields(DistillConfig)} | {"config", "resume", "opt", "as_json", "json"}
     flags: dict[str, str] = {}
     for name in available_methods():
         for option, help_text in get_method(name).cli_options.items():
-            flags.setdefault(option, help_text)
+            if option not in taken:
+                flags.setdefault(option, help_text)
     return flags
 
 
@@ -77,10 +82,8 @@ def distill(**flags):
 
     config, resume, opt, as_json = flags.pop("config"), flags.pop("resume"), flags.pop("opt"), flags.pop("as_json")
     values = dataclass_values(DistillConfig, flags)
-    options = dict(parse_option(o) for o in opt or ())
+    options = dict(parse_option(o) for o in opt or ())  # set on top of the recipe file's options
     options.update({k: flags[k] for k in method_flags() if flags.get(k) is not None})
-    if options:
-        values["options"] = options
     with progress_bar("distilling", None) as bar:
 
         def progress(iteration: int, total: int, losses: dict):
@@ -97,7 +100,7 @@ def distill(**flags):
             result = api.distill(config, resume=resume, progress=progress,
                                  progress_eval=lambda: eval_bar.advance(1) if PartialState().is_main_process else None,
                                  status=lambda text: bar.note(text) if PartialState().is_main_process else None,
-                                 **values)
+                                 update_options=options or None, **values)
         finally:
             eval_bar.close()
     result.pop("table_text", None)

@@ -46,20 +46,21 @@ def metric_command(metric: str):
     return run
 
 
-inception_opt = typer.Option(None, "--inception", help="Inception weights: pt_inception-2015-12-05-6726825d.pth "
+INCEPTION_OPT = typer.Option(None, "--inception", help="Inception weights: pt_inception-2015-12-05-6726825d.pth "
                              "(pytorch-fid) or inception-2015-12-05.pt (TorchScript). Default: "
                              "$TORCH_HOME/hub/checkpoints/ (~/.cache/torch/hub/checkpoints/).")
-resize_opt = typer.Option("clean", "--resize", help="clean (PIL bicubic antialiased, like clean-fid) | legacy "
+RESIZE_OPT = typer.Option("clean", "--resize", help="clean (PIL bicubic antialiased, like clean-fid) | legacy "
                           "(bilinear F.interpolate, like pytorch-fid).")
-device_opt = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cuda when available).")
+DEVICE_OPT = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cuda when available).")
+
 
 def fid(
     samples: str = typer.Option(..., "--samples", help="An image folder, an .npz from `fewstep sample`, or a model "
                                 "(built-in name, model directory or distillation run) sampled --num times."),
     ref: Path = typer.Option(..., "--ref", help="Reference: an image folder, a samples .npz, or a stats .npz from "
                              "`fewstep eval stats` (same weights and resize)."),
-    inception: Path | None = inception_opt,
-    resize: str = resize_opt,
+    inception: Path | None = INCEPTION_OPT,
+    resize: str = RESIZE_OPT,
     num: int | None = typer.Option(None, "--num", help="Samples to draw when --samples is a model (e.g. 50000)."),
     steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default: the model's own)."),
     solver: str | None = typer.Option(None, "--solver", help="Sampler (default: the model's own)."),
@@ -71,38 +72,40 @@ def fid(
     pr: bool = typer.Option(False, "--pr", help="Also precision/recall (k-NN manifolds, k=3)."),
     save_images: Path | None = typer.Option(None, "--save-images", help="Also write the drawn samples as PNGs "
                                             "to this new directory (models only)."),
-    device: str | None = device_opt,
+    device: str | None = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """FID in Inception pool3 features (optionally KID and precision/recall), streamed batch by batch."""
     bars = StageProgress(_STAGE_LABELS)
     try:
         result = api.fid(samples, ref, inception=inception, resize=resize, num=num, steps=steps, solver=solver,
-                             seed=seed, batch_size=batch_size, guidance=guidance, kid=kid, pr=pr,
-                             save_images=save_images, device=device, progress=bars)
+                         seed=seed, batch_size=batch_size, guidance=guidance, kid=kid, pr=pr, save_images=save_images,
+                         device=device, progress=bars)
     finally:
         bars.close()
     emit(result, as_json, "fewstep eval fid")
 
+
 def stats(
     images: Path = typer.Option(..., "--images", help="An image folder or a samples .npz."),
     out: Path = typer.Option(..., "--out", help="New .npz for mu, sigma, N and the protocol."),
-    inception: Path | None = inception_opt,
-    resize: str = resize_opt,
+    inception: Path | None = INCEPTION_OPT,
+    resize: str = RESIZE_OPT,
     batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception batch."),
     save_features: bool = typer.Option(False, "--save-features", help="Also store the features (float32), so "
                                        "KID and precision/recall can use this reference."),
-    device: str | None = device_opt,
+    device: str | None = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Compute reference Inception statistics once (for `fewstep eval fid --ref STATS.npz`)."""
     bars = StageProgress(_STAGE_LABELS)
     try:
         result = api.reference_stats(images, out, inception=inception, resize=resize, batch_size=batch_size,
-                                 save_features=save_features, device=device, progress=bars)
+                                     save_features=save_features, device=device, progress=bars)
     finally:
         bars.close()
     emit(result, as_json, "fewstep eval stats")
+
 
 def clip(
     samples: Path = typer.Option(..., "--samples", help="An image folder or a samples .npz (file order)."),
@@ -111,14 +114,14 @@ def clip(
     clip_path: Path = typer.Option(..., "--clip", help="Local CLIP model folder (transformers CLIPModel + "
                                    "tokenizer files); nothing is downloaded."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per CLIP batch."),
-    device: str | None = device_opt,
+    device: str | None = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """CLIP score: 100 * max(cos(image, prompt), 0), averaged over images."""
     bars = StageProgress(_STAGE_LABELS)
     try:
         result = api.clip_score(samples, prompts, clip=clip_path, batch_size=batch_size, device=device,
-                                    progress=bars)
+                                progress=bars)
     finally:
         bars.close()
     emit(result, as_json, "fewstep eval clip")

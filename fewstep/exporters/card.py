@@ -58,7 +58,9 @@ def model_card(den, fmt: str, out: str | Path, rows: list[dict] | None = None, r
                  f"- sampler: {meta.get('default_solver')} with {meta.get('default_steps')} step(s) by default, "
                  f"guidance {meta.get('default_guidance', 1.0)}",
                  f"- load: `fewstep sample --model {out} --steps 1`", ""]
-        return "\n".join(lines + metrics_lines(rows, {**run, "text": den.cond_kind == "text"})) + "\n"
+        if rows or run:  # a run's student; a plain model directory has nothing to report
+            lines += metrics_lines(rows, {**run, "text": den.cond_kind == "text"})
+        return "\n".join(lines) + "\n"
     net = den.net
     lora = getattr(net, "role", "") == "lora"
     kind = f"LoRA (rank {net.rank}, alpha {net.alpha:g}) on the teacher's weights" if lora else "full fine-tuning"

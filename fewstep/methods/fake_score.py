@@ -37,7 +37,8 @@ class FakeScoreConfig(MethodConfig):
 
 class FakeScoreMethod(DistillMethod):
     """Generator (student) + frozen real score (teacher) + fake score trained on generator samples: the roles,
-    phases, generator times and the generator's own rollout shared by DMD, DMD2, SiD and TDM."""
+    phases, generator times, noising and score gap shared by DMD, DMD2, SiD and TDM (the generator's own path is
+    `fewstep.sampling.rollout`)."""
 
     config_class = FakeScoreConfig
     description = ""

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import warnings
 from pathlib import Path
 
 from fewstep.errors import FewstepError
 from fewstep.methods.base import DistillMethod, MethodConfig
 
 _REGISTRY: dict[str, type[DistillMethod]] = {}
+_BROKEN: dict[str, str] = {}  # entry points that failed to load -> why
 ENTRY_POINT_GROUP = "fewstep.methods"
 _discovered = False
 
@@ -32,24 +34,32 @@ def register_method(name: str):
     return deco
 
 
+def import_modules(package: str, folder: str | Path) -> list[str]:
+    """Import every module of `package` (whose folder is `folder`; names starting with "_" are skipped), so that
+    their `@register_method` decorators run; returns the module names."""
+    names = sorted(m.name for m in pkgutil.iter_modules([str(folder)]) if not m.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
+
+
 def discover_methods() -> None:
-    """Import every module of the fewstep.methods package and every `fewstep.methods` entry point once; their
-    `@register_method` decorators fill the registry."""
+    """Once: import every module of the fewstep.methods package, then every `fewstep.methods` entry point. A
+    plugin that fails to load is set aside with a warning (the other methods still work); asking for it by name
+    is a one-line error saying why."""
     global _discovered
     if _discovered:
         return
-    _discovered = True
-    package = __name__.rsplit(".", 1)[0]  # fewstep.methods, whose folder this module is in
-    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
+    import_modules(__name__.rpartition(".")[0], Path(__file__).parent)  # fewstep.methods, this module's folder
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plugin must not take the built-in methods down
-            raise FewstepError(f"cannot load the method plugin {ep.name!r} ({ep.value}): {e}") from None
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not take the other methods down
+            _BROKEN[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            warnings.warn(f"fewstep: cannot load the method plugin {ep.name!r} ({_BROKEN[ep.name]})", stacklevel=2)
+    _discovered = True
 
 
 def available_methods() -> list[str]:
@@ -60,6 +70,8 @@ def available_methods() -> list[str]:
 def get_method(name: str) -> type[DistillMethod]:
     discover_methods()
     if name not in _REGISTRY:
+        if name in _BROKEN:
+            raise FewstepError(f"cannot load the method plugin {name!r} ({_BROKEN[name]})")
         raise FewstepError(f"unknown method {name!r}; allowed: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 

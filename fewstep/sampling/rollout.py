@@ -36,7 +36,7 @@ FreshNoise = Callable[[int, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 @dataclass
 class Rollout:
     """x: the final states (clean samples after a full path, else each sample's state at its stop);
-    xs / x0s: with capture, the states x_0..x_m and the predictions x0_0..x0_{m-1} (whole batch, shared stops)."""
+    xs / x0s: with capture (not with per-sample stops), the states x_0..x_m and the predictions x0_0..x0_{m-1}."""
 
     x: torch.Tensor
     xs: list[torch.Tensor] = field(default_factory=list)
@@ -55,6 +55,8 @@ def rollout(process: NoiseProcess, model: Model, x: torch.Tensor, times: torch.T
     for renoise="fresh". `x` is not modified.
     """
     check_choice("renoise", renoise, RENOISE)
+    if capture and stop is not None:
+        raise ValueError("capture needs every sample on the same step: use steps, not stop")
     per_sample = times.ndim == 2
     n = times.shape[-1]
     total = n if steps is None else int(steps)

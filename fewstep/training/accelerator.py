@@ -1,4 +1,4 @@
-"""Devices and processes: the one place fewstep talks to accelerate's global state.
+"""Devices and processes: the one place fewstep resets accelerate's global state and makes its Accelerator.
 
 `process_state(device)` gives the process group of a run (on CPU, several processes launched with
 `accelerate launch` or torchrun only form a group with cpu=True); `make_accelerator` the Accelerator the

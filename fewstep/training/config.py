@@ -20,8 +20,9 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def _field(default=None, help: str = "", *, factory=None, cli: str | None = None):
-    """A DistillConfig field with its `fewstep distill` flag's help. `cli`: how the flag differs from the field:
-    "path" (a path on the command line), "int_list" (comma-separated integers), "none" (no flag of its own)."""
+    """A DistillConfig field with its `fewstep distill` flag's help, where "{default}" stands for the field's
+    default (`fewstep.commands.common.format_default`). `cli`: how the flag differs from the field: "path" (a
+    path on the command line), "int_list" (comma-separated integers), "none" (no flag of its own)."""
     meta = {"help": help, **({"cli": cli} if cli else {})}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -33,9 +34,9 @@ class DistillConfig:
     """A distillation run. Each field is one `fewstep distill` flag (generated from the field: its type, default
     and help) and one key of config.yaml; a field left to None takes the method's recipe."""
 
-    method: str = _field("cd", "Distillation method (see `fewstep methods`; default cd).")
+    method: str = _field("cd", "Distillation method (see `fewstep methods`; default {default}).")
     teacher: str = _field("toy:checkerboard", "Teacher: built-in name, model directory or run directory "
-                                              "(default toy:checkerboard).")
+                                              "(default {default}).")
     out: str | None = _field(None, "New run directory (default runs/METHOD-TEACHER-TIME); with --resume, the run.",
                              cli="path")
     data: str | None = _field(None, "Real data for methods that need it (default: the teacher's training data).")
@@ -43,22 +44,22 @@ class DistillConfig:
     batch_size: int | None = _field(None, "Batch size per process (default: the recipe).")
     lr: float | None = _field(None, "Learning rate (default: the recipe).")
     lr_schedule: str = _field("constant", "constant | cosine, after the warm-up (default: the recipe, else constant).")
-    warmup: int = _field(100, "Linear LR warm-up iterations (default 100).")
-    grad_clip: float = _field(1.0, "Max gradient norm per network, 0 = off (default 1).")
-    grad_accum: int = _field(1, "Micro-batches per optimizer step (default 1).")
-    mixed_precision: str = _field("no", "no | bf16 | fp16 (default no).")  # accelerate autocast
-    ema: str = _field("fixed", "Student EMA for sampling: none | fixed | power (default fixed).")
+    warmup: int = _field(100, "Linear LR warm-up iterations (default {default}).")
+    grad_clip: float = _field(1.0, "Max gradient norm per network, 0 = off (default {default}).")
+    grad_accum: int = _field(1, "Micro-batches per optimizer step (default {default}).")
+    mixed_precision: str = _field("no", "no | bf16 | fp16 (default {default}).")  # accelerate autocast
+    ema: str = _field("fixed", "Student EMA for sampling: none | fixed | power (default {default}).")
     ema_decay: float = _field(0.999, "Fixed EMA decay (default: the recipe).")
     # power EMA (Karras et al. 2024): beta_t = (1 - 1/t)^(gamma + 1)
-    ema_gamma: float = _field(6.94, "Power EMA exponent (default 6.94).")
-    guidance: float = _field(1.0, "Teacher CFG scale for conditional teachers (default 1).")
-    seed: int = _field(0, "Seed (default 0).")
-    device: str = _field("auto", "auto | cpu | cuda (default auto).")
-    log_every: int = _field(50, "Write a log.jsonl line every N iterations (default 50).")
-    sample_every: int = _field(500, "Write a sample grid every N iterations, 0 = at the end (default 500).")
-    checkpoint_every: int = _field(500, "Checkpoint every N iterations, 0 = at the end (default 500).")
-    keep_checkpoints: int = _field(2, "Checkpoints kept (default 2).")
-    eval: bool = _field(True, "Final quality table (default on).")  # teacher vs student on the built-in metric
+    ema_gamma: float = _field(6.94, "Power EMA exponent (default {default}).")
+    guidance: float = _field(1.0, "Teacher CFG scale for conditional teachers (default {default}).")
+    seed: int = _field(0, "Seed (default {default}).")
+    device: str = _field("auto", "auto | cpu | cuda (default {default}).")
+    log_every: int = _field(50, "Write a log.jsonl line every N iterations (default {default}).")
+    sample_every: int = _field(500, "Write a sample grid every N iterations, 0 = at the end (default {default}).")
+    checkpoint_every: int = _field(500, "Checkpoint every N iterations, 0 = at the end (default {default}).")
+    keep_checkpoints: int = _field(2, "Checkpoints kept (default {default}).")
+    eval: bool = _field(True, "Final quality table (default {default}).")  # teacher vs student on the built-in metric
     eval_num: int | None = _field(None, "Samples per quality-table entry (default 4096 toys, 2000 digits).")
     eval_steps: list[int] | None = _field(None, "Student step counts in the table, comma-separated (default: the "
                                                 "method's, 1,2,4 for most; 1 for one-step generators).",
@@ -75,8 +76,8 @@ class DistillConfig:
                                          "teacher's shared weights; 0 = full fine-tuning (default: the recipe).")
     lora_alpha: float | None = _field(None, "LoRA alpha (default: the rank).")
     gradient_checkpointing: bool = _field(False, "Recompute activations of trained diffusers networks in the backward "
-                                                 "pass (less memory; default off).")
-    optimizer: str = _field("adamw", "adamw | adamw8bit (bitsandbytes, if installed) (default adamw).")
+                                                 "pass (less memory; default {default}).")
+    optimizer: str = _field("adamw", "adamw | adamw8bit (bitsandbytes, if installed) (default {default}).")
 
 
 # the run's defaults for a method without a recipe for this kind of data (recipes live on the method classes)

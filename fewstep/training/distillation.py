@@ -14,17 +14,19 @@ from fewstep.training.trainer import Trainer
 
 
 def distill(config: str | Path | dict | DistillConfig | None = None, *, resume: bool = False, progress=None,
-            progress_eval=None, teacher_model=None, status=None, **overrides) -> dict:
+            progress_eval=None, teacher_model=None, status=None, update_options: dict | None = None,
+            **overrides) -> dict:
     """Distill a teacher into a few-step student; returns a JSON-able summary (with the quality table).
 
     `config`: a YAML recipe path, a dict or a DistillConfig; keyword `overrides` win over it (each is a
-    DistillConfig field: method, teacher, iters, batch_size, lr, out, ...; `options` update the config's
-    options key by key). With `resume=True`, `out` names an existing run, which continues from its latest
-    checkpoint. `teacher_model` may pass an already loaded Denoiser (then the `teacher` field only names it).
+    DistillConfig field: method, teacher, iters, batch_size, lr, out, ...; `options` replaces the config's method
+    options), and `update_options` set method options on top of them key by key (like `--opt`). With
+    `resume=True`, `out` names an existing run, which continues from its latest checkpoint. `teacher_model` may
+    pass an already loaded Denoiser (then the `teacher` field only names it).
     `progress(iteration, total, losses)` is called every iteration; `status(text)` gets short notes from the
     method's own preparation (e.g. reflow's pairs); `progress_eval()` after each row of the quality table.
     """
-    values, explicit = merge_values(config, overrides)
+    values, explicit = merge_values(config, overrides, update_options)
     state = process_state(run_device(values, resume))
     plan = plan_run(values, explicit=explicit, resume=resume, check_out=state.is_main_process)
     cfg = plan.config

@@ -47,9 +47,11 @@ class RunPlan:
     method: DistillMethod | None = None
 
 
-def merge_values(config=None, overrides: dict | None = None) -> tuple[dict, set[str]]:
-    """(values, the fields set explicitly) from a YAML path, a dict or a DistillConfig, then keyword overrides.
-    An `options` override updates the config's options key by key (like `--opt KEY=VALUE`)."""
+def merge_values(config=None, overrides: dict | None = None,
+                 update_options: dict | None = None) -> tuple[dict, set[str]]:
+    """(values, the fields set explicitly) from a YAML path, a dict or a DistillConfig, then keyword overrides
+    (an `options` override replaces the config's options), then `update_options`, set on top of the options
+    key by key (what `--opt KEY=VALUE` does)."""
     values: dict = {}
     if isinstance(config, (str, Path)):
         values.update(load_yaml(config))
@@ -60,10 +62,11 @@ def merge_values(config=None, overrides: dict | None = None) -> tuple[dict, set[
     elif config is not None:
         raise FewstepError(f"config must be a YAML path, a dict or a DistillConfig, not {type(config).__name__}")
     overrides = dict(overrides or {})
-    if isinstance(overrides.get("options"), dict) and isinstance(values.get("options"), dict):
-        overrides["options"] = {**values["options"], **overrides["options"]}
     explicit = set(values) | set(overrides)
     values.update(overrides)
+    if update_options:
+        values["options"] = {**(values.get("options") or {}), **update_options}
+        explicit.add("options")
     return values, explicit
 
 

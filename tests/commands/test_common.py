@@ -78,3 +78,33 @@ def test_a_new_config_field_becomes_a_distill_flag():
 
     assert [p.name for p in dataclass_flags(Grown)][-1] == "new_knob"
     assert dataclass_values(Grown, {"new_knob": 0.25, "out": Path("r")}) == {"new_knob": 0.25, "out": "r"}
+
+
+def test_distill_help_shows_every_fields_help_with_its_default():
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+    from fewstep.commands.common import flag_help
+    from fewstep.training.config import DistillConfig
+
+    r = CliRunner().invoke(app, ["distill", "--help"], terminal_width=400)
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    for f in dataclasses.fields(DistillConfig):
+        if f.name != "options":
+            assert " ".join(flag_help(f).split()) in text, f.name
+    assert "Linear LR warm-up iterations (default 100)." in text and "Final quality table (default on)." in text
+    assert "Max gradient norm per network, 0 = off (default 1)." in text
+
+
+def test_a_method_flag_that_would_shadow_another_flag_is_left_to_opt(monkeypatch):
+    from fewstep.commands.distill import distill_parameters, method_flags
+    from fewstep.methods import get_method
+
+    scm = get_method("scm")
+    monkeypatch.setattr(scm, "cli_options", {**scm.cli_options, "seed": "clash", "resume": "clash",
+                                             "tangent_c": "sCM's tangent c"})
+    flags = method_flags()
+    assert "seed" not in flags and "resume" not in flags and flags["tangent_c"] == "sCM's tangent c"
+    names = [p.name for p in distill_parameters()]
+    assert len(names) == len(set(names)) and "tangent_c" in names

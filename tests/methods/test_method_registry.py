@@ -34,6 +34,7 @@ def test_a_method_from_an_entry_point_is_registered(tmp_path, monkeypatch):
         "    description = 'a plugin'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BROKEN", {})
     monkeypatch.setattr(registry, "_discovered", False)
     from importlib.metadata import EntryPoint
 
@@ -47,15 +48,41 @@ def test_a_method_from_an_entry_point_is_registered(tmp_path, monkeypatch):
         sys.modules.pop("fewstep_plugin_method", None)
 
 
-def test_a_broken_plugin_is_a_one_line_error(monkeypatch):
+def test_a_broken_plugin_is_set_aside_and_named_in_a_one_line_error(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BROKEN", {})
     monkeypatch.setattr(registry, "_discovered", False)
     from importlib.metadata import EntryPoint
 
     points = [EntryPoint("broken", "fewstep_no_such_module_here", "fewstep.methods")]
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: points)
-    with pytest.raises(FewstepError, match="cannot load the method plugin 'broken'"):
-        available_methods()
+    with pytest.warns(UserWarning, match="cannot load the method plugin 'broken'"):
+        names = available_methods()
+    assert "cd" in names and "broken" not in names  # the other methods still work
+    with pytest.raises(FewstepError, match="cannot load the method plugin 'broken' .*ModuleNotFoundError"):
+        get_method("broken")
+
+
+def test_discovery_imports_every_module_of_a_package(tmp_path, monkeypatch):
+    """The mechanism behind "a new method is one file": every module of the folder is imported and registers
+    itself (modules starting with _ are skipped); no list names them."""
+    pkg = tmp_path / "fewstep_fake_methods"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("alpha", "beta", "_private"):
+        (pkg / f"{name}.py").write_text(
+            "from fewstep.methods import register_method\n"
+            "from fewstep.methods.consistency import ConsistencyDistillation\n\n"
+            f"@register_method('fake-{name}')\n"
+            "class M(ConsistencyDistillation):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    try:
+        assert registry.import_modules("fewstep_fake_methods", pkg) == ["alpha", "beta"]
+        assert {"fake-alpha", "fake-beta"} <= set(registry._REGISTRY) and "fake-_private" not in registry._REGISTRY
+    finally:
+        for name in [m for m in sys.modules if m.startswith("fewstep_fake_methods")]:
+            sys.modules.pop(name)
 
 
 @pytest.mark.parametrize("name", available_methods())

@@ -85,6 +85,7 @@ def test_per_sample_times_and_stops_equal_each_sample_run_alone():
         calls.append(rows.tolist())
         return toy_model(xi, t, rows)
 
+    x_before = x.clone()
     out = rollout(proc, model, x, grids, renoise="deterministic", stop=stop)
     assert calls == [[0, 1, 3], [0, 3], [0]]
     torch.testing.assert_close(out.x[2], x[2], rtol=0, atol=0)  # a sample stopped at step 0 does not move
@@ -92,7 +93,9 @@ def test_per_sample_times_and_stops_equal_each_sample_run_alone():
         k = int(stop[b])
         alone = rollout(proc, toy_model, x[b:b + 1], grids[b, :k + 1], renoise="deterministic", steps=k).x
         torch.testing.assert_close(out.x[b:b + 1], alone, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(out.x, x) and torch.equal(x, x.clone())  # the input is left alone
+    assert not torch.equal(out.x, x) and torch.equal(x, x_before)  # the input is left alone
+    with pytest.raises(ValueError, match="use steps, not stop"):
+        rollout(proc, model, x, grids, renoise="deterministic", stop=stop, capture=True)
 
 
 def test_half_precision_states_are_scaled_by_python_floats():
@@ -108,3 +111,56 @@ def test_half_precision_states_are_scaled_by_python_floats():
     z = (x - 0.0 * x0) / 1.0
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, 0.4 * x0 + 0.6 * z, rtol=0, atol=0)
+
+
+def _col(v, like):
+    return v.float().to(like.device).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def test_tdm_trajectory_is_bit_identical_to_its_own_former_loop():
+    """TDM's former loop (per-sample grids, in-place moves of the samples still ahead, float32 coefficient
+    columns), written out here: the shared rollout gives the same bits (float32 states, a VP process)."""
+    proc = VPDiscrete.from_schedule("scaled_linear")
+    g = torch.Generator().manual_seed(4)
+    grids = torch.tensor([[999.0, 749.0, 499.0, 249.0, 0.0], [999.0, 499.0, 0.0, 0.0, 0.0],
+                          [999.0, 665.0, 332.0, 0.0, 0.0]] * 3, dtype=F64)
+    k = torch.tensor([3, 1, 0, 2, 0, 1, 1, 1, 2])
+    noise = torch.randn(9, 3, generator=g)
+
+    def model(x, t, rows):
+        return torch.tanh(x * (1.0 + t.float()[:, None] / 1000.0)) * 0.8
+
+    x = noise.clone()
+    for j in range(int(k.max())):
+        sel = torch.nonzero(k > j).squeeze(1)
+        t, t_next = grids[sel, j], grids[sel, j + 1]
+        xs = x[sel]
+        x0 = model(xs, t, sel).float()
+        eps = (xs - _col(proc.alpha(t), xs) * x0) / _col(proc.sigma(t).clamp_min(1e-12), xs)
+        x[sel] = (_col(proc.alpha(t_next), xs) * x0 + _col(proc.sigma(t_next), xs) * eps).to(x.dtype)
+    out = rollout(proc, lambda xi, t, rows: model(xi, t, rows).float(), noise, grids, renoise="deterministic",
+                  stop=k).x
+    assert torch.equal(out, x)
+
+
+def test_dmd2_backward_simulation_is_bit_identical_to_its_own_former_loop():
+    """DMD2's former rollout (every sample every step, scalar coefficients per step, fresh noise drawn for the
+    whole batch in turn), written out here: the same states bit for bit."""
+    proc = VPDiscrete.from_schedule("scaled_linear")
+    times = torch.tensor([999.0, 749.0, 499.0, 249.0], dtype=F64)
+    noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+
+    def model(x, t):
+        return torch.tanh(x * (1.0 + float(t) / 1000.0)) * 0.8
+
+    g = torch.Generator().manual_seed(6)
+    states, x = [noise], noise
+    for i in range(3):
+        x0 = model(x, times[i]).float()
+        z = torch.randn(noise.shape, generator=g)
+        x = float(proc.alpha(times[i + 1])) * x0 + float(proc.sigma(times[i + 1])) * z
+        states.append(x)
+    g2 = torch.Generator().manual_seed(6)
+    path = rollout(proc, lambda xi, t, rows: model(xi, t).float(), noise, times, renoise="fresh",
+                   fresh=lambda i, xi, rows: torch.randn(noise.shape, generator=g2), steps=3, capture=True)
+    assert len(path.xs) == 4 and all(torch.equal(a, b) for a, b in zip(path.xs, states, strict=True))

@@ -12,14 +12,16 @@ from fewstep.training.run import merge_values, plan_run, run_summary
 from fewstep.training.trainer import Trainer
 
 
-def test_options_update_the_recipe_files_options_key_by_key(tmp_path):
+def test_options_replace_and_update_options_merge_into_the_recipe_files(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: dmd2\niters: 7\noptions:\n  steps: 4\n  gan: true\n")
-    values, explicit = merge_values(recipe, {"iters": 9, "options": {"gan": False, "t_min": 0.1}})
+    values, explicit = merge_values(recipe, {"iters": 9}, {"gan": False, "t_min": 0.1})  # like --opt
     assert values == {"method": "dmd2", "iters": 9, "options": {"steps": 4, "gan": False, "t_min": 0.1}}
     assert explicit == {"method", "iters", "options"}
-    values, _ = merge_values({"options": {"steps": 2}}, {})
-    assert values == {"options": {"steps": 2}}
+    values, explicit = merge_values(recipe, {"options": {"gan": False}})  # a keyword replaces them
+    assert values["options"] == {"gan": False} and "options" in explicit
+    values, explicit = merge_values(None, {}, {"steps": 2})
+    assert values == {"options": {"steps": 2}} and explicit == {"options"}
 
 
 def test_the_trainer_reuses_the_method_and_teacher_the_checks_built(tmp_path):
