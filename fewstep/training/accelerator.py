@@ -60,8 +60,13 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no"):
 
 
 def destroy_process_group() -> None:
-    """Tear down torch.distributed's default process group if one is up (a no-op otherwise)."""
+    """Tear down torch.distributed's default process group if one is up (a no-op otherwise). Unreachable
+    objects are collected first: a DDP module left in a reference cycle by an earlier run holds the group, and
+    would otherwise free it during interpreter finalization."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import gc
+
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
