@@ -15,14 +15,21 @@ Methods, all giving the tangent `to` of o = softmax(q k^T / sqrt(D)) v along (tq
   finite_diff      (o(x + h t) - o(x - h t)) / 2h with two flash forwards (SDPA); h = 1e-2 in bf16
   reference_jvp    the PyTorch fallback, chunked over queries
 and, for scale, two forwards alone: flash_forward (SDPA) and kernel_forward (the fused kernel
-without the tangent). With --cpu-smoke the Triton rows are skipped and SDPA is the CPU one.
+without the tangent). On CUDA the kernel's tiles are autotuned per shape (the first call times the
+candidates; warm-up calls absorb it); fused_jvp_fixed and kernel_forward_fixed run the untuned fixed
+tiles (FEWSTEP_ATTENTION_AUTOTUNE=0) for comparison, and the tiles the autotuner chose go into the JSON.
+Every row's `x_flash` is its time over flash_forward's at the same (L, D), measured in the same run; the
+goals are fused_jvp <= 3.0x and kernel_forward <= 1.25x. With --cpu-smoke the Triton rows are skipped and
+SDPA is the CPU one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -65,13 +72,43 @@ def make_methods(cuda: bool, fd_step: float):
     def kernel_forward(x):
         return attention(*x[:3], backend="triton")
 
-    methods = {"fused_jvp": fused_jvp, "func_jvp_kernel": func_jvp_kernel, "func_jvp_math": func_jvp_math,
-               "finite_diff": finite_diff, "reference_jvp": reference_jvp, "flash_forward": flash_forward,
-               "kernel_forward": kernel_forward}
+    def fixed(fn):
+        def run(x):
+            with fixed_tiles():
+                return fn(x)
+
+        return run
+
+    methods = {"fused_jvp": fused_jvp, "fused_jvp_fixed": fixed(fused_jvp), "func_jvp_kernel": func_jvp_kernel,
+               "func_jvp_math": func_jvp_math, "finite_diff": finite_diff, "reference_jvp": reference_jvp,
+               "flash_forward": flash_forward, "kernel_forward": kernel_forward,
+               "kernel_forward_fixed": fixed(kernel_forward)}
     if not cuda:
-        for name in ("fused_jvp", "func_jvp_kernel", "kernel_forward"):
+        for name in ("fused_jvp", "fused_jvp_fixed", "func_jvp_kernel", "kernel_forward", "kernel_forward_fixed"):
             methods.pop(name)
     return methods
+
+
+@contextlib.contextmanager
+def fixed_tiles():
+    """The kernel's fixed tiles instead of the autotuner's (FEWSTEP_ATTENTION_AUTOTUNE=0 while open)."""
+    old = os.environ.get("FEWSTEP_ATTENTION_AUTOTUNE")
+    os.environ["FEWSTEP_ATTENTION_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FEWSTEP_ATTENTION_AUTOTUNE"]
+        else:
+            os.environ["FEWSTEP_ATTENTION_AUTOTUNE"] = old
+
+
+def add_ratios(rows):
+    """x_flash: each row's time over flash_forward's at the same (L, D) (None where either is missing)."""
+    flash = {(r["L"], r["D"]): r["ms"] for r in rows if r["method"] == "flash_forward"}
+    for r in rows:
+        base = flash.get((r["L"], r["D"]))
+        r["x_flash"] = None if r["ms"] is None or not base else round(r["ms"] / base, 2)
 
 
 def time_call(fn, x, device: str, warmup: int, repeat: int):
@@ -169,22 +206,33 @@ def main(argv=None) -> int:
                 print(f"L={L:6d} D={D:4d} {name:14s} {row['status']:3s} {ms:>10s} ms", flush=True)
             del x, tangent_ref
 
+    add_ratios(rows)
     print()
-    print("| L | D | method | ms | peak MB | max err of tangent |")
-    print("|---|---|---|---|---|---|")
+    print("| L | D | method | ms | x flash SDPA fwd | peak MB | max err of tangent |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ms = r["status"] if r["ms"] is None else f"{r['ms']:.3f}"
+        ratio = "-" if r["x_flash"] is None else f"{r['x_flash']:.2f}x"
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
-        print(f"| {r['L']} | {r['D']} | {r['method']} | {ms} | {peak} | {err} |")
+        print(f"| {r['L']} | {r['D']} | {r['method']} | {ms} | {ratio} | {peak} | {err} |")
 
     payload = {"benchmark": "attention_jvp", "device": torch.cuda.get_device_name() if cuda else platform.processor()
                or platform.machine(), "cpu_smoke": not cuda, "torch": torch.__version__,
-               "triton": _triton_version(), "dtype": args.dtype, "rows": rows}
+               "triton": _triton_version(), "dtype": args.dtype, "rows": rows,
+               "autotuned_tiles": _autotuned_tiles() if cuda else None}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def _autotuned_tiles():
+    """{autotuner key: chosen config} of the kernel's CUDA autotuner (empty if it never ran)."""
+    from fewstep_kernels import flash_attention
+
+    tuner = flash_attention.autotuned_kernel()
+    return {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
 
 
 def _triton_version():

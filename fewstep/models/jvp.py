@@ -2,22 +2,26 @@
 
 The directional derivative d/de fn(p + e v) at e = 0 (sCM's dF/dt, Lu & Song 2024), computed by:
 - "kernel": forward-mode AD on dual tensors (torch.autograd.forward_ad, about half the overhead of
-  torch.func's wrappers on CPU) with every diffusers attention layer temporarily routed through
-  `fewstep_kernels.attention`, whose jvp rule is the fused flash-attention forward+JVP Triton kernel for
-  half-precision CUDA inputs (a chunked PyTorch reference elsewhere). The built-in UNet always attends
-  through it.
+  torch.func's wrappers on CPU) with every diffusers attention layer attending through
+  `fewstep_kernels.attention` (`fewstep_kernels.kernel_attention`: self, cross, SD3's joint and Flux's
+  rotary attention, masks; an unknown attention processor is an error), whose jvp rule is the fused
+  flash-attention forward+JVP Triton kernel for half-precision CUDA inputs (a chunked PyTorch reference
+  elsewhere). The built-in UNet always attends through it.
 - "func": torch.func.jvp with torch's scaled_dot_product_attention forced onto its MATH backend (the
-  only one with a forward-mode rule) and GroupNorm inputs made contiguous (F.group_norm's forward AD
-  fails on the non-contiguous inputs diffusers' attention blocks give it).
+  only one with a forward-mode rule).
 - "fd": a central finite difference (fn(p + h v) - fn(p - h v)) / 2h, both sides run from the same
   torch RNG state (identical dropout masks); per-sample steps (h+, h-) allow one-sided differences
   near the ends of a time range.
 - "auto": the first of kernel, func that runs on the model (tried once, then remembered), else fd with
   a one-line warning.
-Both forward-AD backends also apply the GroupNorm fix; none of them builds an autograd graph. Every backend
-runs with autocast switched off, in the precision of the inputs and parameters: torch's forward AD mis-casts
-tangents under autocast (conv -> group_norm -> conv fails: a bf16 tangent meets an fp32 primal), and central
-differences in bf16 would be mostly round-off. A half-precision model still gets the fused attention kernel.
+Both forward-AD backends make GroupNorm inputs contiguous (F.group_norm's forward AD fails on the
+non-contiguous inputs diffusers' attention blocks give it) and keep every norm layer's output tangent in
+its primal's dtype (on CUDA, torch's layer-norm rule returns a float32 tangent for bf16 input); none of
+them builds an autograd graph. Every backend runs with autocast switched off: torch's forward AD mis-casts
+tangents under autocast (conv -> group_norm -> conv fails: a bf16 tangent meets an fp32 primal). A
+mixed-precision run asks for its half dtype instead (`dtype=`): the networks' parameters and the state
+input are cast for the pass, so the JVP runs in bf16 through the fused kernel. Central differences stay
+in the networks' own precision (in bf16 they would be mostly round-off).
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import nn
+
+from fewstep.errors import FewstepError
 
 JVP_BACKENDS = ("auto", "kernel", "func", "fd")
 FORWARD_AD_BACKENDS = ("kernel", "func")
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 
 
 def default_fd_step(dtype: torch.dtype) -> float:
@@ -64,42 +72,96 @@ def contiguous_group_norm(modules: Sequence[nn.Module]):
             h.remove()
 
 
-def _attention_layers(modules: Sequence[nn.Module]) -> list[nn.Module]:
-    """Every diffusers attention layer (a module with a swappable `processor`) inside `modules`."""
-    found, seen = [], set()
-    for root in modules:
-        for m in root.modules():
-            if hasattr(m, "set_processor") and hasattr(m, "processor") and id(m) not in seen:
-                seen.add(id(m))
-                found.append(m)
-    return found
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, NORM_TYPES) or "Norm" in type(m).__name__
+
+
+class _TangentInPrimalDtype(torch.autograd.Function):
+    """The identity on values; its JVP casts the tangent to the primal's dtype. (The forward copies: a custom
+    Function that returns a view must return a view of the tangent too, and a cast is not one.)"""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t.to(ctx.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _tangent_in_primal_dtype(out):
+    """`out` (a tensor, or a tuple/list of them) with every dual tensor's tangent in its primal's dtype."""
+    if isinstance(out, torch.Tensor):
+        if out.is_floating_point():
+            tangent = fwad.unpack_dual(out).tangent
+            if tangent is not None and tangent.dtype != out.dtype:
+                return _TangentInPrimalDtype.apply(out)
+        return out
+    if isinstance(out, (tuple, list)):
+        fixed = [_tangent_in_primal_dtype(o) for o in out]
+        return type(out)(fixed) if isinstance(out, list) or type(out) is tuple else type(out)(*fixed)
+    return out
 
 
 @contextlib.contextmanager
-def fewstep_attention(modules: Sequence[nn.Module]):
-    """Route every diffusers attention layer in `modules` through fewstep_kernels.attention (their own
-    processors come back when the context closes). Layers of attention classes the fewstep processor
-    does not support raise ValueError."""
-    layers = _attention_layers(modules)
-    if not layers:
-        yield
-        return
-    from diffusers.models.attention_processor import Attention
-    from fewstep_kernels import FewstepJVPAttnProcessor
+def tangents_in_primal_dtype(modules: Sequence[nn.Module]):
+    """Forward hooks on every normalisation layer in `modules` (torch's norm classes, and any class with "Norm"
+    in its name: diffusers' RMSNorm, AdaLayerNorm*, ...) that give the tangents of their outputs their primal's
+    dtype while the context is open. On CUDA, torch's forward-AD rule for layer norm combines the tangent with
+    the float32 statistics of a bf16/fp16 input and returns a float32 tangent for a half-precision output; the
+    next Linear then fails on mixed dtypes. Norm layers are where torch keeps statistics in float32, so they are
+    the layers hooked (they are few; a hook on every module would add Python work to thousands of layers)."""
+    handles, seen = [], set()
 
-    other = sorted({type(m).__name__ for m in layers if not isinstance(m, Attention)})
-    if other:
-        raise ValueError(f"fewstep's attention kernel supports diffusers' Attention layers only, not "
-                         f"{', '.join(other)}")
-    saved = [(m, m.processor) for m in layers]
-    processor = FewstepJVPAttnProcessor()
+    def hook(_module, _args, out):
+        return _tangent_in_primal_dtype(out)
+
+    for root in modules:
+        for m in root.modules():
+            if _is_norm(m) and id(m) not in seen:
+                seen.add(id(m))
+                handles.append(m.register_forward_hook(hook))
     try:
-        for m in layers:
-            m.set_processor(processor)
         yield
     finally:
-        for m, proc in saved:
-            m.set_processor(proc)
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def networks_in_dtype(modules: Sequence[nn.Module], dtype: torch.dtype | None):
+    """Every floating-point parameter and buffer of `modules` in `dtype` while the context is open (cast copies,
+    one per tensor, however many modules share it; the originals come back afterwards). For no-grad passes such
+    as sCM's JVP in the run's mixed precision: a student with float32 master weights runs in bf16 there."""
+    if dtype is None:
+        yield
+        return
+    copies: dict[int, torch.Tensor] = {}
+    saved = []
+    try:
+        for root in modules:
+            for m in root.modules():
+                for store in (m._parameters, m._buffers):
+                    for name, t in list(store.items()):
+                        if t is None or not t.is_floating_point() or t.dtype == dtype:
+                            continue
+                        cast = copies.get(id(t))
+                        if cast is None:
+                            cast = copies[id(t)] = t.detach().to(dtype)
+                        saved.append((store, name, t))
+                        store[name] = cast
+        yield
+    finally:
+        for store, name, t in reversed(saved):
+            store[name] = t
 
 
 @contextlib.contextmanager
@@ -111,16 +173,21 @@ def math_sdpa():
         yield
 
 
-def _forward_ad(fn, primals, tangents, backend: str, modules):
+def _forward_ad(fn, primals, tangents, backend: str, modules, dtype, attention: str):
+    if dtype is not None:  # the state input runs in the networks' dtype; times and the rest keep theirs
+        primals = (primals[0].to(dtype), *primals[1:])
+        tangents = (tangents[0].to(dtype), *tangents[1:])
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
+        stack.enter_context(networks_in_dtype(modules, dtype))
         stack.enter_context(contiguous_group_norm(modules))
+        stack.enter_context(tangents_in_primal_dtype(modules))
         if backend == "func":
             stack.enter_context(math_sdpa())
             return torch.func.jvp(fn, tuple(primals), tuple(tangents))[1]
-        import torch.autograd.forward_ad as fwad
+        from fewstep_kernels import kernel_attention
 
-        stack.enter_context(fewstep_attention(modules))
+        stack.enter_context(kernel_attention(modules, attention))
         stack.enter_context(fwad.dual_level())
         out = fn(*(fwad.make_dual(p, v) for p, v in zip(primals, tangents, strict=True)))
         tangent = fwad.unpack_dual(out).tangent
@@ -149,12 +216,18 @@ def _finite_difference(fn, primals, tangents, steps, devices):
 
 
 def jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], *,
-        backend: str = "func", modules: Sequence[nn.Module] = (), fd_steps=None) -> torch.Tensor:
+        backend: str = "func", modules: Sequence[nn.Module] = (), fd_steps=None, dtype: torch.dtype | None = None,
+        attention: str = "auto") -> torch.Tensor:
     """d/de fn(*(p + e v)) at e = 0 by one backend ("kernel", "func" or "fd"; see the module docstring).
 
-    `modules`: the networks fn runs through (for the attention routing and the GroupNorm fix).
+    `modules`: the networks fn runs through (attention routing, the GroupNorm fix, tangent dtypes, `dtype`).
     `fd_steps`: (h_plus, h_minus), floats or per-sample (B,) tensors: fd evaluates fn at p + h_plus v and
     p - h_minus v and divides by h_plus + h_minus (default: both `default_fd_step` of the first primal's dtype).
+    `dtype`: run the forward-AD backends in this precision (bf16 for a mixed-precision run): the floating
+    parameters and buffers of `modules`, and the first primal and tangent (the network's state input), are cast
+    to it for the pass; the other primals (times) keep theirs. fd ignores it (central differences in bf16 are
+    mostly round-off). `attention`: the attention backend of "kernel" ("auto": the Triton kernel for supported
+    half-precision CUDA inputs; "triton": the kernel or an error; "reference": PyTorch).
     """
     if backend not in JVP_BACKENDS or backend == "auto":
         raise ValueError(f"unknown JVP backend {backend!r}; allowed here: kernel, func, fd (auto: use JVP)")
@@ -165,7 +238,12 @@ def jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangen
                 h = default_fd_step(primals[0].dtype)
                 fd_steps = (h, h)
             return _finite_difference(fn, primals, tangents, fd_steps, [device] if device.type == "cuda" else [])
-        return _forward_ad(fn, primals, tangents, backend, modules)
+        return _forward_ad(fn, primals, tangents, backend, modules, dtype, attention)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class JVP:
@@ -173,7 +251,11 @@ class JVP:
 
     "auto" tries forward-mode AD through fewstep's attention kernels, then with math attention, and keeps
     the first that runs; a model without forward-mode support gets central differences and one warning.
-    `chosen` is the backend in use (None before the first call under "auto").
+    A backend asked for by name never falls back: if it fails, the call raises a one-line FewstepError, and
+    "kernel" on CUDA runs the Triton attention kernel or fails (attention="triton").
+    After each call: `chosen` is the backend in use (None before the first call under "auto"), `attention`
+    counts the attention paths the call took (triton, reference, masked; empty for func and fd), `dtype` is
+    the precision the network ran in.
     """
 
     def __init__(self, backend: str = "auto", fd_step: float | None = None):
@@ -182,6 +264,8 @@ class JVP:
         self.backend = backend
         self.fd_step = fd_step
         self.chosen: str | None = None if backend == "auto" else backend
+        self.attention: dict[str, int] = {}
+        self.dtype: torch.dtype | None = None
 
     def _steps(self, primals, fd_steps):
         if fd_steps is not None:
@@ -189,20 +273,49 @@ class JVP:
         h = self.fd_step if self.fd_step is not None else default_fd_step(primals[0].dtype)
         return (h, h)
 
-    def __call__(self, fn, primals, tangents, *, modules: Sequence[nn.Module] = (), fd_steps=None) -> torch.Tensor:
+    def _run(self, backend, fn, primals, tangents, modules, fd_steps, dtype):
+        strict = self.backend != "auto"
+        attention = "triton" if strict and backend == "kernel" and primals[0].is_cuda else "auto"
+        steps = self._steps(primals, fd_steps) if backend == "fd" else None
+        counts = contextlib.nullcontext({})
+        if backend == "kernel":
+            from fewstep_kernels import count_backends
+
+            counts = count_backends()
+        with counts as counted:
+            out = jvp(fn, primals, tangents, backend=backend, modules=modules, fd_steps=steps,
+                      dtype=None if backend == "fd" else dtype, attention=attention)
+        self.attention = dict(counted)
+        self.dtype = out.dtype
+        return out
+
+    def __call__(self, fn, primals, tangents, *, modules: Sequence[nn.Module] = (), fd_steps=None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`dtype`: the precision of the forward-AD pass (see `jvp`); None keeps the networks' own."""
         if self.chosen is not None:
-            steps = self._steps(primals, fd_steps) if self.chosen == "fd" else None
-            return jvp(fn, primals, tangents, backend=self.chosen, modules=modules, fd_steps=steps)
+            if self.backend == "auto" or self.chosen == "fd":
+                return self._run(self.chosen, fn, primals, tangents, modules, fd_steps, dtype)
+            try:
+                return self._run(self.chosen, fn, primals, tangents, modules, fd_steps, dtype)
+            except (NotImplementedError, RuntimeError, ValueError) as e:
+                raise FewstepError(f"the {self.chosen} JVP backend (jvp={self.chosen}) failed on this model: "
+                                   f"{_first_line(e)[:300]}; a backend asked for by name does not fall back "
+                                   f"(jvp=auto tries kernel, func, then finite differences)") from e
         errors = []
         for backend in FORWARD_AD_BACKENDS:
             try:
-                out = jvp(fn, primals, tangents, backend=backend, modules=modules)
+                out = self._run(backend, fn, primals, tangents, modules, fd_steps, dtype)
             except (NotImplementedError, RuntimeError, ValueError) as e:
-                errors.append(f"{backend}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                errors.append(f"{backend}: {_first_line(e)}")
                 continue
             self.chosen = backend
             return out
         self.chosen = "fd"
         warnings.warn("forward-mode AD does not run through this model (" + "; ".join(errors)[:300]
                       + "); using central finite differences for JVPs", RuntimeWarning, stacklevel=2)
-        return jvp(fn, primals, tangents, backend="fd", modules=modules, fd_steps=self._steps(primals, fd_steps))
+        return self._run("fd", fn, primals, tangents, modules, fd_steps, dtype)
+
+    def describe(self) -> dict:
+        """What ran: {"backend", "attention" (paths of the last call), "dtype"} (JSON-able, for logs)."""
+        return {"backend": self.chosen, "attention": dict(self.attention),
+                "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}

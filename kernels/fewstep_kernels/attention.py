@@ -12,6 +12,8 @@ supports when Triton is installed, the reference otherwise).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import importlib.util
 
 import torch
@@ -29,6 +31,26 @@ BACKENDS = ("auto", "triton", "reference")
 # products each and spill registers, while the chunked reference uses cuBLAS with bounded memory.
 AUTO_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+_COUNTERS: list[collections.Counter] = []
+
+
+@contextlib.contextmanager
+def count_backends():
+    """A Counter of the attention paths taken while the context is open: "triton" and "reference" (one per
+    `attention` call, by the backend it resolved to) and "masked" (`sdpa` calls with a mask, plain math)."""
+    counter: collections.Counter = collections.Counter()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def record_backend(name: str) -> None:
+    for counter in _COUNTERS:
+        counter[name] += 1
 
 
 def _kernels():
@@ -164,7 +186,9 @@ class FlashAttentionJVP(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tq, tk, tv, _tscale, _tbackend):
         q, k, v, o = ctx.saved_tensors
-        tq, tk, tv = _zeros_if_none(tq, q), _zeros_if_none(tk, k), _zeros_if_none(tv, v)
+        # tangents in their primal's dtype (a float32 tangent for bf16 q would make the reference path's
+        # output, and every layer after it, float32)
+        tq, tk, tv = (_zeros_if_none(t, x).to(x.dtype) for t, x in ((tq, q), (tk, k), (tv, v)))
         with torch.no_grad():
             return _tangent(q, k, v, o, tq, tk, tv, ctx.scale, ctx.backend)
 
@@ -186,7 +210,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     check_shapes(q, k, v)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    return FlashAttentionJVP.apply(q, k, v, scale, resolve_backend(backend, q, k, v))
+    resolved = resolve_backend(backend, q, k, v)
+    if _COUNTERS:
+        record_backend(resolved)
+    return FlashAttentionJVP.apply(q, k, v, scale, resolved)
 
 
 def attention_jvp(q, k, v, tq, tk, tv, scale: float | None = None, backend: str = "auto"):

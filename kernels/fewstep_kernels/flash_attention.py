@@ -18,7 +18,7 @@ rescaled by exp(m_old - m_new) like the output accumulator, and combined once at
 B and T share one accumulator, so the JVP kernel carries two (BLOCK_M, BLOCK_D) float32 tiles
 (A and B + T) instead of three; register pressure is what limits its tile sizes.
 
-Head dims that are not powers of two (40, 80) are padded to one with masked loads; sequence
+Head dims that are not powers of two (40, 80, 96, 160) are padded to one with masked loads; sequence
 lengths are masked, so any Lq and Lk work, and Lq != Lk gives cross-attention. Accumulation is in
 float32 whatever the input dtype; probabilities are cast to the value dtype before the P v dots, as
 in FlashAttention. On CPU the same kernel runs in Triton's interpreter (TRITON_INTERPRET=1).
@@ -27,6 +27,7 @@ in FlashAttention. On CPU the same kernel runs in Triton's interpreter (TRITON_I
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -42,7 +43,7 @@ TRITON_AVAILABLE = triton is not None
 # must be set before triton is first imported); interpreted kernels take CPU tensors.
 INTERPRETED = TRITON_AVAILABLE and bool(triton.knobs.runtime.interpret)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 1, 256
 _MAX_GRID_Y = 65535
 
 
@@ -183,8 +184,13 @@ def _launch_config(block_d: int, device: torch.device, lq: int, lk: int, dtype: 
         block_n = 16 if lk <= 16 else 32
         return block_m, block_n, 4, 1
     if dtype == torch.float32:
-        return 32, 32, 8, 1
+        return (32, 32, 8, 1) if block_d <= 128 else (16, 32, 8, 1)
     hopper = _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    if block_d > 128:  # head dims 129..256 (SD1.x's 160, padded to 256): compiled ahead for sm_90, the JVP
+        # tiles with the fewest spills found (ptxas: 352 bytes for the JVP, 32 given o; none for the forward)
+        if not with_jvp:
+            return 64, 32, 8, 2
+        return 16, 16, 4, 1
     if not with_jvp:  # plain forward
         return (128, 64, 8, 2) if hopper or block_d <= 64 else (64, 64, 8, 2)
     if not compute_o:  # tangent given o: one float32 accumulator
@@ -262,24 +268,92 @@ def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
     return DOT_NATIVE
 
 
-def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool, compute_o: bool):
+# Tile candidates the autotuner times on a GPU, per (head-dim block, mode): (BLOCK_M, BLOCK_N, warps, stages).
+# Each set starts with `_launch_config`'s fixed choice for sm_90 and adds neighbours (fewer warps, more stages,
+# narrower blocks), which matter most at head dim 128, where the fixed tiles measured far slower than flash SDPA
+# and every JVP tile spills some registers when compiled for sm_90 (16 to 240 bytes for these; candidates that
+# spilled over 1 KB were dropped). Modes: "fwd" (plain forward), "jvp" (o and its tangent), "tan" (the tangent
+# given o, what forward-mode AD runs after the forward).
+TILE_CANDIDATES = {
+    (64, "fwd"): ((128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)),
+    (128, "fwd"): ((128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (256, "fwd"): ((64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)),
+    (64, "jvp"): ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)),
+    (128, "jvp"): ((64, 32, 8, 2), (32, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 1), (32, 16, 4, 2), (16, 32, 4, 2)),
+    (256, "jvp"): ((16, 16, 4, 1), (16, 32, 4, 1)),
+    (64, "tan"): ((128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)),
+    (128, "tan"): ((128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2)),
+    (256, "tan"): ((16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 8, 1)),
+}
+# the autotuner's key: a new value of any of these (and of the tensors' dtypes) is timed again
+AUTOTUNE_KEY = ["LQ", "LK", "HEAD_DIM", "BLOCK_D", "WITH_JVP", "COMPUTE_O", "DOT_MODE"]
+
+
+def _mode(with_jvp: bool, compute_o: bool) -> str:
+    return "fwd" if not with_jvp else ("jvp" if compute_o else "tan")
+
+
+def tile_candidates(block_d: int, with_jvp: bool, compute_o: bool, dot_mode: int) -> list[tuple[int, int, int, int]]:
+    """The tiles worth timing for one kernel variant (float32 dots get `_launch_config`'s small tiles only)."""
+    if dot_mode in (DOT_IEEE, DOT_TF32X3):
+        return [(32, 32, 8, 1)] if block_d <= 128 else [(16, 32, 8, 1)]
+    width = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    return list(TILE_CANDIDATES[(width, _mode(with_jvp, compute_o))])
+
+
+def autotune_enabled() -> bool:
+    """CUDA launches time the candidate tiles once per shape unless FEWSTEP_ATTENTION_AUTOTUNE=0 (then the fixed
+    `_launch_config` tiles run, as in the interpreter)."""
+    return os.environ.get("FEWSTEP_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def _use_autotune(q: torch.Tensor) -> bool:
+    return q.is_cuda and autotune_enabled()
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keeps the configs of the call's variant (`tile_candidates`); every config of the union is a triton.Config
+    whose kwargs hold BLOCK_M and BLOCK_N."""
+    wanted = set(tile_candidates(kwargs["BLOCK_D"], kwargs["WITH_JVP"], kwargs["COMPUTE_O"], kwargs["DOT_MODE"]))
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+
+@functools.cache
+def autotuned_kernel(do_bench=None):
+    """`_attention_fwd_kernel` behind `triton.autotune` over every tile candidate, pruned per call to the
+    variant's own (`do_bench`: the timer, Triton's own when None; the tests pass a stand-in)."""
+    every = sorted({c for d in (16, 128, 256) for w in (False, True) for o in (False, True)
+                    for m in (DOT_NATIVE, DOT_TF32X3) for c in tile_candidates(d, w, o, m)})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in every]
+    extra = {} if do_bench is None else {"do_bench": do_bench}
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                           **extra)(_attention_fwd_kernel)
+
+
+def _launch(q, k, v, tq, tk, tv, o, to, scale: float, with_jvp: bool, compute_o: bool, tuned=None):
+    """One launch; `tuned` (an `autotuned_kernel`) times the candidate tiles, by default on CUDA when
+    `autotune_enabled()`; otherwise `_launch_config`'s fixed tiles."""
     B, H, LQ, D = q.shape
     LK = k.shape[-2]
     block_d = max(16, triton.next_power_of_2(D))
+    dot_mode = _dot_mode(q.dtype, q.device)
+    log2e = 1.4426950408889634
+    args = (q, k, v, tq, tk, tv, o, to,
+            *q.stride(), *k.stride(), *v.stride(),
+            *tq.stride(), *tk.stride(), *tv.stride(),
+            *o.stride(), *to.stride(),
+            H, LQ, LK, D, scale * log2e, scale)
+    variant = {"BLOCK_D": block_d, "WITH_JVP": with_jvp, "COMPUTE_O": compute_o, "DOT_MODE": dot_mode}
+    if tuned is None and _use_autotune(q):
+        tuned = autotuned_kernel()
+    if tuned is not None:
+        tuned[lambda meta: (triton.cdiv(LQ, meta["BLOCK_M"]), B * H)](*args, **variant)
+        return
     block_m, block_n, num_warps, num_stages = _launch_config(block_d, q.device, LQ, LK, q.dtype, with_jvp,
                                                              compute_o)
-    grid = (triton.cdiv(LQ, block_m), B * H)
-    log2e = 1.4426950408889634
-    _attention_fwd_kernel[grid](
-        q, k, v, tq, tk, tv, o, to,
-        *q.stride(), *k.stride(), *v.stride(),
-        *tq.stride(), *tk.stride(), *tv.stride(),
-        *o.stride(), *to.stride(),
-        H, LQ, LK, D, scale * log2e, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        WITH_JVP=with_jvp, COMPUTE_O=compute_o, DOT_MODE=_dot_mode(q.dtype, q.device),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    _attention_fwd_kernel[(triton.cdiv(LQ, block_m), B * H)](
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, **variant, num_warps=num_warps, num_stages=num_stages)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -20,8 +20,9 @@ import tempfile
 import torch
 
 
-def compile_kernel(arch: int, dtype: str, head_dim: int, mode: str) -> dict:
-    """mode: fwd (plain forward), jvp (o and its tangent), tan (tangent given o)."""
+def compile_kernel(arch: int, dtype: str, head_dim: int, mode: str, tiles=None) -> dict:
+    """mode: fwd (plain forward), jvp (o and its tangent), tan (tangent given o); tiles (BLOCK_M, BLOCK_N, warps,
+    stages): `_launch_config`'s by default."""
     with_jvp, compute_o = mode != "fwd", mode != "tan"
     import triton
     from fewstep_kernels import flash_attention as fa
@@ -39,7 +40,8 @@ def compile_kernel(arch: int, dtype: str, head_dim: int, mode: str) -> dict:
     real = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = lambda index=None: (arch // 10, arch % 10)
     try:
-        bm, bn, warps, stages = fa._launch_config(block_d, FakeCuda(), 4096, 4096, tdtype, with_jvp, compute_o)
+        bm, bn, warps, stages = tiles or fa._launch_config(block_d, FakeCuda(), 4096, 4096, tdtype, with_jvp,
+                                                           compute_o)
     finally:
         torch.cuda.get_device_capability = real
         fa._capability.cache_clear()
@@ -75,6 +77,8 @@ def compile_kernel(arch: int, dtype: str, head_dim: int, mode: str) -> dict:
 
 
 if __name__ == "__main__":
+    # SPEC: arch:dtype:head_dim:mode[:BLOCK_M,BLOCK_N,warps,stages]
     for spec in sys.argv[1:]:
-        arch, dtype, head_dim, mode = spec.split(":")
-        print(json.dumps(compile_kernel(int(arch), dtype, int(head_dim), mode)), flush=True)
+        arch, dtype, head_dim, mode, *tiles = spec.split(":")
+        tiles = tuple(int(n) for n in tiles[0].split(",")) if tiles else None
+        print(json.dumps(compile_kernel(int(arch), dtype, int(head_dim), mode, tiles)), flush=True)

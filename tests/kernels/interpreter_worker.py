@@ -85,6 +85,28 @@ def run_case(op: str, x: dict, scale):
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
         f(q, k, v).backward(x["grad"])
         return {"dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if op == "autotuned_jvp":
+        # the CUDA path's autotuner, run in the interpreter with a stand-in timer that makes each later
+        # candidate look faster: every candidate of the variant is timed and the last one is launched
+        from fewstep_kernels import flash_attention as fa
+
+        timed = []
+
+        def fake_bench(fn, quantiles=None, **_):
+            fn()
+            timed.append(1)
+            return [100.0 - len(timed)] * 3
+
+        tuned = fa.autotuned_kernel(do_bench=fake_bench)
+        use, fa._use_autotune = fa._use_autotune, lambda _q: True
+        get, fa.autotuned_kernel = fa.autotuned_kernel, lambda do_bench=None: tuned
+        try:
+            o, to = attention_jvp(q, k, v, tq, tk, tv, scale=scale, backend="triton")
+        finally:
+            fa._use_autotune, fa.autotuned_kernel = use, get
+        best = tuned.best_config
+        chosen = [best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages]
+        return {"o": o, "to": to, "timed": torch.tensor(len(timed)), "chosen": torch.tensor(chosen)}
     if op == "dispatch":
         # "auto" stays on the reference for CPU tensors even with the interpreter loaded
         backend = fewstep_kernels.resolve_backend("auto", q, k, v)

@@ -167,8 +167,9 @@ def test_triton_backend_on_cpu_without_the_interpreter_says_how_to_enable_it():
     q, k, v = qkv(1, 1, 8, 8, 32, dtype=torch.float32, tangents=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         attention(q, k, v, backend="triton")
-    with pytest.raises(ValueError, match="head dim 8"):
-        resolve_backend("triton", *(t[..., :8] for t in (q, k, v)))
+    wide = qkv(1, 1, 8, 8, 320, dtype=torch.float32, tangents=False)
+    with pytest.raises(ValueError, match=r"head dim 320 \(the kernel takes 1..256\)"):
+        resolve_backend("triton", *wide)
 
 
 def test_zero_keys_are_refused():

@@ -40,6 +40,15 @@ CASES = {
     "bf16_L45_d64": ("jvp", 1, 2, 45, 45, 64, torch.bfloat16, None),
     "bf16_cross_d40": ("jvp", 1, 1, 37, 70, 40, torch.bfloat16, None),
     "fp16_L33_d128": ("jvp", 1, 1, 33, 33, 128, torch.float16, None),
+    # head dims of real models not yet above: 96 (padded to 128) and 160 (SD1.x's deepest blocks, padded to 256)
+    "self_L21_d96": ("jvp", 1, 1, 21, 21, 96, torch.float32, None),
+    "bf16_L19_d80": ("jvp", 1, 1, 19, 19, 80, torch.bfloat16, None),
+    "cross_17x23_d160": ("jvp", 1, 1, 17, 23, 160, torch.float32, None),
+    "bf16_L17_d160": ("jvp", 1, 1, 17, 17, 160, torch.bfloat16, None),
+    "forward_d160": ("forward", 1, 1, 21, 21, 160, torch.float32, None),
+    "autotuned": ("autotuned_jvp", 1, 2, 19, 23, 128, torch.bfloat16, None),
+    # head dims under 16 (the tiny test pipelines: 8) pad to 16
+    "bf16_L19_d8": ("jvp", 1, 2, 19, 19, 8, torch.bfloat16, None),
     "forward_L37_d40": ("forward", 2, 1, 37, 37, 40, torch.float32, None),
     "forward_bf16": ("forward", 1, 1, 50, 50, 64, torch.bfloat16, None),
     "func_jvp": ("func_jvp", 1, 2, 37, 29, 40, torch.float32, None),
@@ -113,7 +122,7 @@ def tolerance(dtype):
 
 
 JVP_CASES = [n for n, c in CASES.items() if c[0] in ("jvp", "jvp_strided", "jvp_mixed_layout", "jvp_split_batches",
-                                                      "func_jvp",
+                                                      "func_jvp", "autotuned_jvp",
                                                       "forward_ad")]
 
 
@@ -129,7 +138,8 @@ def test_kernel_jvp_matches_func_jvp_of_math_attention(kernel_run, name):
     torch.testing.assert_close(y["to"].double(), to_ref, rtol=tol, atol=tol * max(1.0, to_ref.abs().max().item()))
 
 
-@pytest.mark.parametrize("name", ["bf16_L45_d64", "bf16_cross_d40", "fp16_L33_d128", "func_jvp_bf16"])
+@pytest.mark.parametrize("name", ["bf16_L45_d64", "bf16_cross_d40", "fp16_L33_d128", "func_jvp_bf16", "bf16_L19_d80",
+                                  "bf16_L17_d160", "bf16_L19_d8"])
 def test_low_precision_kernel_matches_reference_backend(kernel_run, name):
     """Half-precision kernel vs the PyTorch reference on the same inputs: same fp32 accumulation,
     the kernel rounds P to the input dtype before its P v products (as FlashAttention does)."""
@@ -143,12 +153,24 @@ def test_low_precision_kernel_matches_reference_backend(kernel_run, name):
     torch.testing.assert_close(y["to"].float(), to.float(), rtol=tol, atol=tol * max(1.0, to.abs().max().item()))
 
 
-@pytest.mark.parametrize("name", ["forward_L37_d40", "forward_bf16", "dispatch"])
+@pytest.mark.parametrize("name", ["forward_L37_d40", "forward_bf16", "forward_d160", "dispatch"])
 def test_plain_forward_kernel_matches_sdpa(kernel_run, name):
     x, y = case_tensors(kernel_run, name)
     ref = torch.nn.functional.scaled_dot_product_attention(*(x[key].double() for key in ("q", "k", "v")))
     tol = tolerance(x["q"].dtype)
     torch.testing.assert_close(y["o"].double(), ref, rtol=tol, atol=tol)
+
+
+def test_autotuner_times_every_candidate_and_launches_the_fastest(kernel_run):
+    """The CUDA launch path (triton.autotune over `tile_candidates`), in the interpreter with a stand-in timer
+    that makes each later candidate faster: all of the variant's candidates are timed, the fastest runs (and its
+    result is checked against math attention by the JVP test above)."""
+    from fewstep_kernels import flash_attention as fa
+
+    _, y = case_tensors(kernel_run, "autotuned")
+    candidates = fa.tile_candidates(128, True, True, fa.DOT_UPCAST)
+    assert int(y["timed"]) == len(candidates) > 1
+    assert tuple(y["chosen"].tolist()) in candidates
 
 
 def test_jvp_with_only_a_query_tangent(kernel_run):

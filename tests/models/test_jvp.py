@@ -73,6 +73,26 @@ class SDPANet(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)[:, 0]
 
 
+class OwnAttnProcessor:
+    """A processor fewstep's kernel does not know (it attends through SDPA, so func can differentiate it)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        b, n, _ = hidden_states.shape
+        q, k, v = (f(hidden_states).view(b, n, attn.heads, -1).transpose(1, 2)
+                   for f in (attn.to_q, attn.to_k, attn.to_v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[0](out)
+
+
+class OwnProcessorNet(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.attn = Attention(dim, heads=2, dim_head=dim // 2, processor=OwnAttnProcessor())
+
+    def forward(self, x, t, cond=None):
+        return self.attn(x * (1 + t[:, None, None]))
+
+
 class _NoForwardAD(torch.autograd.Function):
     @staticmethod
     def forward(x):
@@ -139,22 +159,29 @@ def test_backends_agree_in_fp64(name):
 
 
 def test_kernel_backend_routes_diffusers_attention_and_restores_it():
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from fewstep_kernels import FewstepJVPAttnProcessor
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from fewstep_kernels import FewstepJVPAttnProcessor, count_backends
 
     torch.manual_seed(0)
     dit = TinyDiT().double()
+    dit.blocks[1]["attn"].set_processor(AttnProcessor())  # the classic (baddbmm) processor
+    sdpa = F.scaled_dot_product_attention
     seen = []
     for blk in dit.blocks:
         blk["attn"].register_forward_hook(lambda m, args, out: seen.append(type(m.processor)))
     x, t = torch.randn(2, 1, 8, 8, dtype=F64), torch.tensor([0.2, 0.9], dtype=F64)
     tangents = (torch.randn_like(x), torch.ones_like(t))
-    jvp(lambda a, b: dit(a, b), (x, t), tangents, backend="kernel", modules=[dit])
-    assert seen == [FewstepJVPAttnProcessor] * 2
+    with count_backends() as counts:
+        jvp(lambda a, b: dit(a, b), (x, t), tangents, backend="kernel", modules=[dit])
+    # SDPA processors keep their processor (their SDPA call is routed); the classic one is swapped meanwhile
+    assert seen == [AttnProcessor2_0, FewstepJVPAttnProcessor]
+    assert counts == {"reference": 2}  # both layers attended through fewstep's attention (CPU: its reference)
+    assert F.scaled_dot_product_attention is sdpa
     seen.clear()
-    jvp(lambda a, b: dit(a, b), (x, t), tangents, backend="func", modules=[dit])
-    assert seen == [AttnProcessor2_0] * 2
-    assert all(isinstance(blk["attn"].processor, AttnProcessor2_0) for blk in dit.blocks)
+    with count_backends() as counts:
+        jvp(lambda a, b: dit(a, b), (x, t), tangents, backend="func", modules=[dit])
+    assert seen == [AttnProcessor2_0, AttnProcessor] and counts == {}
+    assert [type(blk["attn"].processor) for blk in dit.blocks] == [AttnProcessor2_0, AttnProcessor]
 
 
 def test_diffusers_unet2d_needs_the_group_norm_fix_and_backends_agree():
@@ -204,8 +231,16 @@ def test_auto_picks_kernel_where_it_runs_then_func_then_fd():
     sdpa = SDPANet().double()
     auto = JVP("auto")
     out = auto(lambda a, b: sdpa(a, b), (x, t), tangents, modules=[sdpa])
-    assert auto.chosen == "func"  # kernel: flash SDPA has no forward AD on CPU; math does
+    assert auto.chosen == "kernel" and auto.attention == {"reference": 1}  # a bare SDPA call is routed too
     ref = jvp(lambda a, b: sdpa(a, b), (x, t), tangents, backend="fd")
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-8)
+
+    # an attention layer with a processor the kernel does not know: kernel refuses, func runs
+    own = OwnProcessorNet().double()
+    auto = JVP("auto")
+    out = auto(lambda a, b: own(a, b), (x, t), tangents, modules=[own])
+    assert auto.chosen == "func" and auto.attention == {}
+    ref = jvp(lambda a, b: own(a, b), (x, t), tangents, backend="fd")
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-8)
 
     net = NoForwardADNet().double().eval()
