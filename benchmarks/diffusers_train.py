@@ -75,12 +75,17 @@ def run_one(args, variant: dict, teacher: Path, data: Path, root: Path) -> dict:
             "gradient_checkpointing": variant["gradient_checkpointing"], "optimizer": variant["optimizer"],
             "iterations": res["iterations"], "s_per_iter": round(statistics.median(steps), 4) if steps else None,
             "s_per_iter_mean": round(statistics.fmean(steps), 4) if steps else None,
-            "peak_gib": round(max(peaks) / 2**30, 2) if peaks else None, "run_seconds": round(total, 1)}
+            "peak_gib": round(max(peaks) / 2**30, 2) if peaks else None, "run_seconds": round(total, 1),
+            # sCM/rCM: the JVP backend the run used, its attention paths and precision (None for other methods)
+            "jvp": ({"backend": res["jvp_backend"], "attention": res.get("jvp_attention"),
+                     "dtype": res.get("jvp_dtype")} if "jvp_backend" in res else None)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="sdxl", choices=["sd15", "sd2-v", "sdxl", "sd3"])
+    from fewstep.teachers.random_pipelines import RANDOM_ARCHS
+
+    p.add_argument("--arch", default="sdxl", choices=list(RANDOM_ARCHS))
     p.add_argument("--size", default="full", choices=["tiny", "full"])
     p.add_argument("--method", default="cd")
     p.add_argument("--sweep", default="lora64,lora64+ckpt,full+ckpt", help="comma-separated variants: lora<R>|full "
@@ -135,7 +140,10 @@ def main(argv=None) -> int:
     print(head)
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        print(f"{r['variant']:<18} {r['s_per_iter']:>8.4f} {peak:>9} {r['iterations']:>6} {r['run_seconds']:>7.1f}")
+        jvp = "" if r["jvp"] is None else (f"  jvp {r['jvp']['backend']} in {r['jvp']['dtype']}, attention "
+                                           + ",".join(f"{k}:{v}" for k, v in sorted(r["jvp"]["attention"].items())))
+        print(f"{r['variant']:<18} {r['s_per_iter']:>8.4f} {peak:>9} {r['iterations']:>6} {r['run_seconds']:>7.1f}"
+              f"{jvp}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -33,7 +33,7 @@ from torch import nn
 from fewstep.diffusion.processes import TrigFlow, expand_like
 from fewstep.diffusion.timesteps import sample_timesteps
 from fewstep.errors import FewstepError, check_choice
-from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, StepContext
+from fewstep.methods.base import Batch, DistillMethod, MethodConfig, Phase, Role, RunContext, StepContext
 from fewstep.methods.registry import register_method
 from fewstep.models.embeddings import sinusoidal_embedding
 from fewstep.models.jvp import JVP, JVP_BACKENDS, default_fd_step
@@ -77,6 +77,16 @@ class LogVarianceHead(nn.Module):
         feats = sinusoidal_embedding(t.to(torch.float32) * self.time_scale, self.freq_dim)
         with torch.autocast(device_type=t.device.type, enabled=False):
             return self.mlp(feats.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
+
+
+def half_precision(like: torch.Tensor) -> torch.dtype | None:
+    """The run's mixed-precision dtype (bf16/fp16) when autocast is on for `like`'s device, else None: sCM runs
+    its JVP in it (the stop-gradient network cast for that pass), so the fused attention kernel runs on CUDA."""
+    kind = like.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def scm_tangent(F_minus: torch.Tensor, dF_dt: torch.Tensor, x_t: torch.Tensor, dx_dt: torch.Tensor, t: torch.Tensor,
@@ -136,6 +146,7 @@ class ContinuousConsistency(DistillMethod):
         self.trigflow = TrigFlow(sigma_d=c.sigma_d)
         self.t_lo, self.t_hi = TrigFlowDenoiser(teacher, c.sigma_d).time_range()
         self.jvp = JVP(c.jvp, c.fd_step)
+        self._jvp_logged: dict | None = None
 
     # -- networks ------------------------------------------------------------------------------
     def networks(self) -> dict[str, Role]:
@@ -152,6 +163,20 @@ class ContinuousConsistency(DistillMethod):
 
     def loss(self, phase: str, batch: Batch, nets: dict[str, nn.Module], ctx: StepContext) -> dict[str, torch.Tensor]:
         return self.scm_loss(batch, nets, ctx)
+
+    def prepare(self, run: RunContext) -> None:
+        """Logs the JVP backend once it is known (after the first student step): {"event": "jvp", "backend",
+        "attention" (the attention paths of one JVP: triton, reference, masked), "dtype"}."""
+        if self.jvp.dtype is not None and self._jvp_logged != self.jvp.describe():  # dtype: set by a call
+            self._jvp_logged = self.jvp.describe()
+            run.log({"event": "jvp", "iteration": run.iteration, **self._jvp_logged})
+
+    def metrics(self) -> dict:
+        """The JVP backend the run used (metrics.json): jvp_backend, jvp_attention, jvp_dtype."""
+        if self.jvp.dtype is None:  # no JVP ran (e.g. resumed at the end)
+            return {}
+        d = self.jvp.describe()
+        return {"jvp_backend": d["backend"], "jvp_attention": d["attention"], "jvp_dtype": d["dtype"]}
 
     # -- the sCM term --------------------------------------------------------------------------
     def sample_time(self, n: int, ctx: StepContext) -> torch.Tensor:
@@ -187,7 +212,7 @@ class ContinuousConsistency(DistillMethod):
         frozen = TrigFlowDenoiser(base, sd, through_forward=False)  # outside DDP and accelerate's autocast wrapper
         with torch.no_grad():
             dF_dt = self.jvp(lambda x, tt: frozen(x, tt, cond), (x_t, t), (dx_dt, torch.ones_like(t)),
-                             modules=[base], fd_steps=self.fd_steps(t, x_t.dtype))
+                             modules=[base], fd_steps=self.fd_steps(t, x_t.dtype), dtype=half_precision(x_t))
         F = TrigFlowDenoiser(nets["student"], sd)(x_t, t, cond)
         return F, scm_tangent(F.detach(), dF_dt, x_t, dx_dt, t, sd, r)
 
