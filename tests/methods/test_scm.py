@@ -331,8 +331,9 @@ def test_cli_mode_flag(tmp_path):
 
 
 def test_bf16_mixed_precision_keeps_forward_mode_ad(tmp_path, monkeypatch):
-    """accelerate wraps the student's forward in autocast; the JVP bypasses it (torch's forward AD mis-casts
-    tangents under autocast), so auto still picks forward-mode AD rather than falling back to differences."""
+    """accelerate wraps the student's forward in autocast; the JVP runs outside it (torch's forward AD mis-casts
+    tangents under autocast) with the student cast to bf16 for the pass, so auto still picks forward-mode AD
+    rather than falling back to differences."""
     import warnings
 
     from fewstep.methods.scm import ContinuousConsistency
@@ -350,4 +351,4 @@ def test_bf16_mixed_precision_keeps_forward_mode_ad(tmp_path, monkeypatch):
         warnings.filterwarnings("error", message=".*finite differences.*")
         res = distill(method="scm", teacher="digits", iters=2, batch_size=8, mixed_precision="bf16", eval=False,
                       sample_every=0, out=str(tmp_path / "r"))
-    assert res["finished"] and chosen == ["kernel", "kernel"]
+    assert res["finished"] and chosen == ["kernel", "kernel"] and res["jvp_dtype"] == "bfloat16"
