@@ -52,6 +52,47 @@ def test_distill_sample_export_on_a_pipeline_folder(tmp_path):
     one_line_error(run("export", runs, "--format", "lora", "--out", tmp_path / "lora"), "already exists")
 
 
+def test_flux_teacher_sample_distill_export(tmp_path):
+    """A tiny FLUX.1-dev-style pipeline folder: the teacher samples at its guidance 3.5 (the guidance embedding's
+    input), a DMD2 LoRA student distils from it (guidance 3.5 unless given), samples and exports as LoRA weights."""
+    pipe = save_random_pipeline("flux", tmp_path / "flux")
+    r = run("sample", "--teacher", pipe, "--prompt", "a cat", "--num", 2, "--steps", 2, "--out", tmp_path / "t",
+            "--json")
+    assert r.exit_code == 0, r.stderr
+    res = last_json(r)
+    assert res["guidance"] == 3.5 and res["steps"] == 2 and res["solver"] == "euler"
+    from PIL import Image
+
+    with Image.open(tmp_path / "t" / "00000.png") as im:
+        assert im.size == (16, 16)
+
+    data = save_caption_folder(tmp_path / "caps")
+    runs = tmp_path / "run"
+    r = run("distill", "--method", "dmd2", "--teacher", pipe, "--data", data, "--iters", 2, "--batch-size", 2,
+            "--lora-rank", 4, "--gradient-checkpointing", "--resolution", "16x32", "--out", runs, "--sample-every", 0,
+            "--eval-steps", "1", "--opt", "steps=2", "--opt", "gan=true", "--json")
+    assert r.exit_code == 0, r.stderr
+    cfg = yaml.safe_load((runs / "config.yaml").read_text())
+    assert cfg["guidance"] == 3.5 and cfg["lora_rank"] == 4 and cfg["resolution"] == "16x32"
+    student = json.loads((runs / "student" / "config.json").read_text())
+    assert student["network"]["arch"] == "flux" and student["network"]["guidance_embed"] is True
+    assert student["denoiser"]["data_shape"] == [4, 8, 16]
+
+    r = run("sample", "--model", runs, "--prompt", "a cat", "--num", 2, "--out", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.stderr
+    res = last_json(r)
+    assert res["steps"] == 2 and res["solver"] == "fewstep" and res["guidance"] == 1.0
+    with Image.open(tmp_path / "s" / "00000.png") as im:
+        assert im.size == (32, 16)
+    r = run("export", runs, "--format", "lora", "--out", tmp_path / "lora", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert last_json(r)["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    r = run("distill", "--method", "cd", "--teacher", pipe, "--data", data, "--iters", 1, "--batch-size", 2,
+            "--guidance", 2, "--out", tmp_path / "run2", "--sample-every", 0, "--eval-steps", "1")
+    assert r.exit_code == 0, r.stderr
+    assert yaml.safe_load((tmp_path / "run2" / "config.yaml").read_text())["guidance"] == 2.0  # given: kept
+
+
 def test_one_line_errors(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 

@@ -25,8 +25,9 @@ def sample(
     renoise: str | None = typer.Option(None, help="Few-step re-noise: fresh | deterministic (default: the model's)."),
     num: int = typer.Option(4096, help="Number of samples."),
     seed: int = typer.Option(0, help="Base seed; sample i uses its own seed derived from it."),
-    guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (1 = none; default: the "
-                                          "model's own, 1 for teachers)."),
+    guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (1 = none; for FLUX.1-dev the "
+                                          "guidance embedding's input; default: the model's own, 1 for teachers, "
+                                          "3.5 for FLUX.1-dev)."),
     label: int | None = typer.Option(None, help="Class label for every sample (default: cycle classes)."),
     batch_size: int | None = typer.Option(None, help="Samples per network batch (default 1024; 8 for text-to-image "
                                           "models)."),

@@ -65,8 +65,11 @@ def model_card(den, fmt: str, out: str | Path, rows: list[dict] | None = None, r
     lora = getattr(net, "role", "") == "lora"
     kind = f"LoRA (rank {net.rank}, alpha {net.alpha:g}) on the teacher's weights" if lora else "full fine-tuning"
     g = float(meta.get("default_guidance", 1.0))
-    guided = "a guidance-scale input (LCM-style; no CFG pass)" if den.guidance_embedded else (
-        "classifier-free guidance" if g != 1.0 else "no classifier-free guidance")
+    flux = getattr(net, "arch", None) == "flux" and den.guidance_embedded
+    guided = ("Flux's guidance embedding (guidance-distilled; no CFG pass)" if flux else
+              "a guidance-scale input (LCM-style; no CFG pass)" if den.guidance_embedded else
+              "classifier-free guidance" if g != 1.0 else "no classifier-free guidance")
+    teacher_scale = "guidance scale (Flux's guidance embedding)" if flux else "CFG scale"
     lines = [
         "---", "library_name: diffusers", "tags: [fewstep, distillation, few-step]", "---", "",
         f"# {meta.get('method', 'fewstep')} student of {meta.get('teacher_name', meta.get('source', 'a teacher'))}", "",
@@ -78,7 +81,7 @@ def model_card(den, fmt: str, out: str | Path, rows: list[dict] | None = None, r
         f"scheduler `{info['scheduler']}` reproduces it at {', '.join(map(str, info['exact_steps'])) or 'no'} "
         "step(s)",
         f"- resolution: {meta.get('resolution')}",
-        *([f"- distilled with the teacher at CFG scale {run['guidance']:g}"] if run.get("guidance") is not None
+        *([f"- distilled with the teacher at {teacher_scale} {run['guidance']:g}"] if run.get("guidance") is not None
           else []),
         "",
         "## Use", "",

@@ -8,9 +8,12 @@ The pipeline gets a scheduler that runs the student's own fewstep sampler:
 - VP students with deterministic re-noise (DDIM) or the Euler solver (which is DDIM): `DDIMScheduler` with
   trailing spacing, eta 0 and alpha 1 at the end (exact when n divides 1000; diffusers' trailing Euler
   scheduler would start from sigma_max instead of sqrt(1 + sigma_max^2) times the noise, 0.2% off for SD);
-- flow students: `FlowMatchEulerDiscreteScheduler` with shift 1 (stochastic_sampling for fresh re-noise),
-  its last sigma stretched to 1/n0 (``shift_terminal``) so that the student's n0-step grid 1, 1 - 1/n0, ...,
-  1/n0 comes out at n0 steps.
+- flow students: `FlowMatchEulerDiscreteScheduler` with shift 1 (stochastic_sampling for fresh re-noise).
+  SD3: its last sigma stretched to 1/n0 (``shift_terminal``) so that the student's n0-step grid 1, 1 - 1/n0, ...,
+  1/n0 comes out at n0 steps. Flux: ``FluxPipeline`` hands the scheduler sigmas 1, 1 - 1/n, ..., 1/n, which
+  are the uniform grid at every n once the dynamic (resolution-dependent) shift is off, so nothing is stretched.
+  A guidance-distilled Flux student is called with ``guidance_scale`` = its default guidance (what its guidance
+  embedding got in training).
 
 Noise: the pipeline draws the initial latents and each fresh re-noise from the generators it is given,
 in turn; fewstep's diffusers models use that "sequential" stream per sample, so
@@ -30,6 +33,7 @@ import torch
 
 from fewstep.errors import FewstepError
 from fewstep.exporters.card import model_card
+from fewstep.models.diffusers_nets import TRANSFORMER_ARCHS
 
 CHECK_STEPS = tuple(range(1, 9))
 
@@ -47,8 +51,13 @@ def student_timesteps(den, steps: int) -> list[float]:
     return sampler_settings(den, steps=steps).timesteps.tolist()
 
 
-def _scheduler_times(sched, steps: int, flow: bool) -> list[float]:
-    sched.set_timesteps(steps)
+def _scheduler_times(sched, steps: int, flow: bool, flux: bool = False) -> list[float]:
+    if flux:  # as FluxPipeline calls it (mu is ignored without dynamic shifting)
+        import numpy as np
+
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=0.0)
+    else:
+        sched.set_timesteps(steps)
     if flow:
         return [float(s) for s in sched.sigmas[:-1]]
     return [float(t) for t in sched.timesteps]
@@ -65,6 +74,7 @@ def scheduler_for(den):
     renoise = meta.get("default_renoise", "fresh")
     n0 = int(meta.get("default_steps", 1))
     base = dict(den.components.pipe.scheduler.config)
+    flux = getattr(den.net, "arch", None) == "flux"
     if isinstance(den.process, VPDiscrete):
         prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[den.prediction]
         common = {k: base[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
@@ -86,15 +96,16 @@ def scheduler_for(den):
         if solver not in ("fewstep", "euler"):
             raise FewstepError(f"no stock diffusers scheduler reproduces the {solver} sampler of this student")
         stochastic = solver == "fewstep" and renoise == "fresh"
+        terminal = 1.0 / n0 if n0 >= 2 and not flux else None
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, stochastic_sampling=stochastic,
-                                                shift_terminal=1.0 / n0 if n0 >= 2 else None)
+                                                shift_terminal=terminal, use_dynamic_shifting=False)
         flow = True
     else:
         raise FewstepError(f"cannot export a student of process {den.process!r} to diffusers")
     exact = []
     for n in sorted(set(CHECK_STEPS) | {n0}):
         try:
-            theirs = _scheduler_times(sched, n, flow)
+            theirs = _scheduler_times(sched, n, flow, flux)
         except (ValueError, ZeroDivisionError):
             continue
         ours = student_timesteps(den, n)
@@ -144,7 +155,7 @@ def export_pipeline(den, out: str | Path, rows: list[dict] | None = None, run: d
     out = Path(out)
     sched, info = scheduler_for(den)
     pipe = den.components.pipe
-    name = "transformer" if den.net.arch == "sd3" else "unet"
+    name = "transformer" if den.net.arch in TRANSFORMER_ARCHS else "unet"
     base_dtype = getattr(pipe, name).dtype
     model = den.net.standalone_model()
     if base_dtype in (torch.float16, torch.bfloat16):
@@ -171,7 +182,8 @@ def export_lora(den, out: str | Path, rows: list[dict] | None = None, run: dict 
     state = den.net.lora_state_dict()
     sched, info = scheduler_for(den)
     pipe = den.components.pipe
-    key = "transformer_lora_layers" if den.net.arch == "sd3" else "unet_lora_layers"
+    # FluxPipeline's and StableDiffusion3Pipeline's LoRA loaders read "transformer"; the UNet pipelines' "unet"
+    key = "transformer_lora_layers" if den.net.arch in TRANSFORMER_ARCHS else "unet_lora_layers"
     card = model_card(den, "lora", out, rows, run, info)
 
     def write(staging: Path):

@@ -193,7 +193,8 @@ class DistillMethod:
         if hasattr(t.net, "derive"):
             net = t.net.derive(**{**self.student_options, **network_overrides})
         elif self.student_options.get("lora_rank"):
-            raise FewstepError("--lora-rank needs a diffusers teacher (sd15, sdxl, sd3, a hub id or pipeline folder)")
+            raise FewstepError("--lora-rank needs a diffusers teacher (sd15, sdxl, sd3, flux-dev, a hub id or pipeline "
+                              "folder)")
         elif not network_overrides:
             net = copy.deepcopy(t.net)
         else:
@@ -204,8 +205,11 @@ class DistillMethod:
             if unexpected:
                 raise FewstepError(f"teacher weights do not fit the student network: {unexpected[:3]}")
             net.to(next(t.net.parameters()).device)
+        # the teacher's default guidance scale (FLUX.1-dev's 3.5, an LCM student's w) is not the student's: a student
+        # samples with what its method fed it in training (`student_meta`'s default_guidance, else 1)
+        meta = {k: v for k, v in t.meta.items() if k != "default_guidance"}
         student = Denoiser(net, t.process, t.prediction, cond_kind=t.cond_kind, num_classes=t.num_classes,
                            null_cond=t._null_cond, sigma_d=t.sigma_d, data_shape=t.data_shape,
-                           meta=dict(t.meta), boundary=t.boundary)
+                           meta=meta, boundary=t.boundary)
         student.components = t.components
         return student.requires_grad_(True).train()

@@ -1,10 +1,13 @@
 """A diffusers text-to-image pipeline as a fewstep Denoiser plus the pieces around its network.
 
-`denoiser_from_pipeline` wraps the pipeline's UNet (SD1.x/SD2.x: eps or v prediction; SDXL) or SD3
+`denoiser_from_pipeline` wraps the pipeline's UNet (SD1.x/SD2.x: eps or v prediction; SDXL) or SD3/Flux
 transformer into a `Denoiser` over latents: the VP process of its scheduler config
 (`VPDiscrete.from_diffusers_config`) or rectified flow x_t = (1 - t) x0 + t eps for flow-matching
-transformers (diffusers' FlowMatch sigma is t, its timestep 1000 t; the scheduler's shift only changes
-which times are sampled, recorded as meta["flow_shift"]). Methods see only D(x_t, t, cond) -> x0.
+transformers (diffusers' FlowMatch sigma is t, its timestep 1000 t; the network predicts the velocity
+eps - x0, fewstep's "flow"). The scheduler's shift only changes which times the stock pipeline samples; it is
+recorded as meta["flow_shift"] (SD3: the config's shift; Flux: exp(mu) of its resolution-dependent shift at the
+Denoiser's resolution, see `flux_shift`), and fewstep's own samplers keep their spacing (uniform by default).
+Methods see only D(x_t, t, cond) -> x0.
 
 `TextToImageParts` (``denoiser.components``) holds what the network does not: the pipeline's own
 prompt encoder (so conditions are exactly what the stock pipeline feeds the network), the empty-prompt
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,7 +29,8 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.diffusers_nets import DiffusersNet
 
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-                       "StableDiffusion3Pipeline": "sd3"}
+                       "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length (T5 tokens), which fewstep's prompts use too
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 PROBE_PROMPTS = ["", "a photo of a cat"]
 
@@ -159,6 +164,10 @@ class TextToImageParts:
                                                       do_classifier_free_guidance=False)
             return {"prompt_embeds": embeds.cpu(), "text_embeds": pooled.cpu(),
                     "time_ids": self.time_ids(len(prompts), embeds.dtype)}
+        if self.arch == "flux":  # text_ids are zeros of the text length: the network makes them
+            embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=dev, num_images_per_prompt=1,
+                                                   max_sequence_length=FLUX_MAX_SEQUENCE_LENGTH)
+            return {"prompt_embeds": embeds.cpu(), "pooled_prompt_embeds": pooled.cpu()}
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=dev, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds.cpu(), "pooled_prompt_embeds": pooled.cpu()}
@@ -171,7 +180,9 @@ class TextToImageParts:
 
     def null_condition(self) -> dict[str, torch.Tensor]:
         """The unconditional input for CFG (batch 1): the empty prompt, or zeros for SDXL pipelines with
-        force_zeros_for_empty_prompt (what the stock pipeline uses as negative when none is given)."""
+        force_zeros_for_empty_prompt (what the stock pipeline uses as negative when none is given). Guidance-distilled
+        Flux never uses it (its guidance scale is a network input); FLUX.1-schnell uses it as FluxPipeline's
+        true-CFG negative prompt "" does."""
         cond = self.encode_prompts([""])
         if self.arch == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
             cond = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
@@ -241,30 +252,60 @@ class TextToImageParts:
         return torch.cat(out)
 
 
+def flux_shift(sched: dict, resolution: tuple[int, int], vae_factor: int) -> tuple[float, float]:
+    """(mu, exp(mu)): FluxPipeline's resolution-dependent time shift for images of `resolution` (height, width),
+    mu linear in the number of packed latent tokens (H / vae / 2) (W / vae / 2) between (base_image_seq_len,
+    base_shift) and (max_image_seq_len, max_shift) (`calculate_shift`). Its exponential shift
+    sigma' = e^mu / (e^mu + 1 / sigma - 1) is SD3's shift s' = k s / (1 + (k - 1) s) with k = e^mu (FLUX.1-dev at
+    1024x1024: 4096 tokens, mu = 1.15, k = 3.16)."""
+    tokens = (resolution[0] // vae_factor // 2) * (resolution[1] // vae_factor // 2)
+    lo, hi = float(sched.get("base_image_seq_len", 256)), float(sched.get("max_image_seq_len", 4096))
+    s_lo, s_hi = float(sched.get("base_shift", 0.5)), float(sched.get("max_shift", 1.15))
+    mu = s_lo + (s_hi - s_lo) * (tokens - lo) / (hi - lo)
+    return mu, math.exp(mu)
+
+
 def denoiser_from_pipeline(pipe, source: str, *, resolution=None, name: str | None = None) -> Denoiser:
     """The teacher Denoiser of a loaded text-to-image pipeline (network on the pipeline's device)."""
     from fewstep.diffusion.processes import RectifiedFlow, VPDiscrete
+    from fewstep.models.diffusers_nets import FLUX_DEFAULT_GUIDANCE, TRANSFORMER_ARCHS, native_guidance
 
     arch = pipeline_arch(pipe)
-    model = pipe.transformer if arch == "sd3" else pipe.unet
+    model = pipe.transformer if arch in TRANSFORMER_ARCHS else pipe.unet
     sched = dict(pipe.scheduler.config)
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = int(model.config.sample_size)
-    res = parse_resolution(resolution) or (size * vae_factor, size * vae_factor)
-    multiple = vae_factor * (int(model.config.patch_size) if arch == "sd3"
-                             else 2 ** (len(model.config.block_out_channels) - 1))
+    if arch == "flux":  # no sample size in Flux's transformer config: the VAE's (1024 px for FLUX.1, FluxPipeline's
+        # default of 128 latents too; the tiny random pipelines' 16 px), else FluxPipeline's
+        pixels = pipe.vae.config.get("sample_size") or pipe.default_sample_size * vae_factor
+        pixels = int(pixels[0] if isinstance(pixels, (list, tuple)) else pixels)
+        default = (pixels, pixels)
+    else:
+        size = int(model.config.sample_size)
+        default = (size * vae_factor, size * vae_factor)
+    res = parse_resolution(resolution) or default
+    if arch == "flux":  # 2x2 latent patches are packed into one token
+        multiple = vae_factor * 2 * int(model.config.patch_size)
+    else:
+        multiple = vae_factor * (int(model.config.patch_size) if arch == "sd3"
+                                 else 2 ** (len(model.config.block_out_channels) - 1))
     if res[0] % multiple or res[1] % multiple:
         raise FewstepError(f"--resolution {res[0]}x{res[1]} must be a multiple of {multiple} for this {arch} model")
     meta = {"kind": "text2image", "arch": arch, "pipeline": type(pipe).__name__, "source": str(source),
             "teacher_name": name or str(source), "resolution": list(res), "data": None,
             "noise_stream": "sequential"}
-    if arch == "sd3":
+    if arch in TRANSFORMER_ARCHS:
         if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-            raise FewstepError("an sd3 teacher needs FlowMatchEulerDiscreteScheduler, got "
+            raise FewstepError(f"an {arch} teacher needs FlowMatchEulerDiscreteScheduler, got "
                                f"{type(pipe.scheduler).__name__}")
         process, prediction = RectifiedFlow(), "flow"
         meta.update(default_solver="euler", default_steps=28, default_spacing="uniform",
                     flow_shift=float(sched.get("shift", 1.0)))
+        if arch == "flux":
+            if sched.get("use_dynamic_shifting"):
+                mu, k = flux_shift(sched, res, vae_factor)
+                meta.update(flow_shift=k, flow_shift_mu=mu)
+            if native_guidance(model, arch):  # guidance-distilled (FLUX.1-dev): the scale is a network input
+                meta["default_guidance"] = FLUX_DEFAULT_GUIDANCE
     else:
         if sched.get("rescale_betas_zero_snr"):
             raise FewstepError("schedulers with rescale_betas_zero_snr (zero terminal SNR) are not supported yet")
@@ -274,7 +315,8 @@ def denoiser_from_pipeline(pipe, source: str, *, resolution=None, name: str | No
         process, prediction = VPDiscrete.from_diffusers_config(sched), PREDICTIONS[pred]
         meta.update(default_solver="dpm++2m", default_steps=25, default_spacing="trailing")
     parts = TextToImageParts(pipe, arch, res)
-    data_shape = (int(model.config.in_channels), res[0] // vae_factor, res[1] // vae_factor)
+    channels = int(model.config.in_channels) // (4 if arch == "flux" else 1)  # Flux's in_channels are packed 2x2
+    data_shape = (channels, res[0] // vae_factor, res[1] // vae_factor)
     net = DiffusersNet(model.eval().requires_grad_(False), arch, {"path": str(source)})
     den = Denoiser(net, process, prediction, cond_kind="text", null_cond=parts.null_condition(),
                    data_shape=data_shape, meta=meta)
@@ -304,10 +346,10 @@ def load_diffusers_denoiser(directory: str | Path, cfg: dict, device="cpu") -> D
         lora = net_cfg.get("lora") or {}
         net = teacher.net.derive(lora_rank=int(lora["rank"]), lora_alpha=float(lora["alpha"]), guidance_embed=guidance)
     elif role == "full":
-        net = teacher.net
-        if guidance:
-            from fewstep.models.diffusers_nets import add_guidance_projection
+        from fewstep.models.diffusers_nets import add_guidance_projection, native_guidance
 
+        net = teacher.net
+        if guidance and not native_guidance(net.model, net.arch):
             add_guidance_projection(net.model, net.arch)
         net.role, net.guidance_embed = "full", guidance
     else:

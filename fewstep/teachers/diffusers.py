@@ -16,6 +16,8 @@ DIFFUSERS_ALIASES = {
     "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
     "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
     "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",  # guidance-distilled: the guidance scale is a network input
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",  # timestep-distilled, no guidance input
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

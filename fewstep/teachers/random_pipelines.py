@@ -1,10 +1,13 @@
 """Diffusers pipelines with random weights, built from configs offline (no hub): SD1.x/SD2.x-style (eps or v),
-SDXL (two text encoders, text_time conditioning) and SD3 (MMDiT transformer, flow matching).
+SDXL (two text encoders, text_time conditioning), SD3 (MMDiT transformer, flow matching) and Flux (FLUX.1-dev's
+transformer: double and single stream blocks, packed 2x2 latents, rotary position ids, a guidance embedding).
 
 ``size="tiny"`` makes 16x16-pixel pipelines of a few hundred thousand parameters for tests and smoke runs;
 ``size="full"`` keeps the real UNet/transformer and VAE architectures (SDXL: the 2.6B-parameter UNet) with
 shallow text encoders of the real widths, for memory and speed benchmarks. The tokenizer is a
-hand-made CLIP BPE vocabulary of single letters (words tokenize letter by letter).
+hand-made CLIP BPE vocabulary of single letters (words tokenize letter by letter); it also stands in for the T5
+tokenizers of SD3 and Flux (`FluxPipeline` only calls its tokenizer_2 like any tokenizer: padded to 512 tokens,
+token ids, no T5-specific method), which saves, reloads and encodes offline.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from fewstep.errors import FewstepError
 
-RANDOM_ARCHS = ("sd15", "sd2-v", "sdxl", "sd3")
+RANDOM_ARCHS = ("sd15", "sd2-v", "sdxl", "sd3", "flux")
 SIZES = ("tiny", "full")
 
 
@@ -65,7 +68,7 @@ def _vae(size: str, latent_channels: int = 4, **extra):
 
 
 def build_random_pipeline(arch: str, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A pipeline object of `arch` (sd15, sd2-v, sdxl, sd3) with random weights drawn from `seed`."""
+    """A pipeline object of `arch` (sd15, sd2-v, sdxl, sd3, flux) with random weights drawn from `seed`."""
     from diffusers import (
         EulerDiscreteScheduler,
         FlowMatchEulerDiscreteScheduler,
@@ -130,6 +133,8 @@ def build_random_pipeline(arch: str, size: str = "tiny", seed: int = 0, dtype: t
         pipe = StableDiffusionXLPipeline(vae=_vae(size, scaling_factor=0.13025, force_upcast=True), text_encoder=te1,
                                          text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
                                          scheduler=sched, add_watermarker=False)
+    elif arch == "flux":
+        pipe = _flux_pipeline(tiny, tok, max_len, vocab)
     else:
         h, proj = (16, 16) if tiny else (768, 1280)
         if tiny:
@@ -159,10 +164,52 @@ def build_random_pipeline(arch: str, size: str = "tiny", seed: int = 0, dtype: t
                                                  use_quant_conv=False, use_post_quant_conv=False),
                                         text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
                                         text_encoder_3=te3, tokenizer_3=letter_tokenizer(max_len))
+    for module in pipe.components.values():  # as from_pretrained leaves them: no dropout (T5 has 0.1)
+        if isinstance(module, torch.nn.Module):
+            module.eval()
     if dtype != torch.float32:
         pipe.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _flux_pipeline(tiny: bool, tok, max_len: int, vocab: int):
+    """FLUX.1-dev's layout: CLIP (pooled output only) and T5 text encoders, a FluxTransformer2DModel over 2x2-packed
+    latents with a guidance embedding, the 16-channel VAE (4 channels when tiny) and dynamic-shift flow matching."""
+    try:
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+    except ImportError:
+        import diffusers
+
+        raise FewstepError(f"the installed diffusers {diffusers.__version__} lacks FluxPipeline / "
+                           "FluxTransformer2DModel: install a newer diffusers for flux") from None
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    if tiny:
+        latent, clip_hidden, d_model = 4, 16, 32
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=d_model,
+                                             pooled_projection_dim=clip_hidden, guidance_embeds=True,
+                                             axes_dims_rope=(4, 6, 6))
+    else:  # black-forest-labs/FLUX.1-dev's transformer (about 12B parameters)
+        latent, clip_hidden, d_model = 16, 768, 4096
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent, num_layers=19,
+                                             num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                                             joint_attention_dim=d_model, pooled_projection_dim=clip_hidden,
+                                             guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    # FluxPipeline reads the CLIP encoder's pooler_output (a CLIPTextModel, as in FLUX.1-dev) and T5's hidden states
+    te = _text_encoder(clip_hidden, clip_hidden, 2, max_len, vocab, with_projection=False)
+    # a shallow T5 encoder of the width Flux reads (the letter tokenizer stands in for T5's)
+    te2 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, d_kv=8 if tiny else 64, d_ff=2 * d_model,
+                                  num_layers=1 if tiny else 2, num_heads=4 if tiny else 64, pad_token_id=1,
+                                  eos_token_id=1))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    vae = _vae("tiny" if tiny else "full", latent, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+               use_post_quant_conv=False)
+    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                        tokenizer_2=letter_tokenizer(512), transformer=transformer)
 
 
 def save_random_pipeline(arch: str, out: str | Path, size: str = "tiny", seed: int = 0, variant: str | None = None,

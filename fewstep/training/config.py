@@ -52,7 +52,8 @@ class DistillConfig:
     ema_decay: float = _field(0.999, "Fixed EMA decay (default: the recipe).")
     # power EMA (Karras et al. 2024): beta_t = (1 - 1/t)^(gamma + 1)
     ema_gamma: float = _field(6.94, "Power EMA exponent (default {default}).")
-    guidance: float = _field(1.0, "Teacher CFG scale for conditional teachers (default {default}).")
+    guidance: float = _field(1.0, "Teacher CFG scale for conditional teachers (default {default}; a teacher whose "
+                             "guidance is a network input, FLUX.1-dev, is fed it instead, 3.5 by default).")
     seed: int = _field(0, "Seed (default {default}).")
     device: str = _field("auto", "auto | cpu | cuda (default {default}).")
     log_every: int = _field(50, "Write a log.jsonl line every N iterations (default {default}).")

@@ -102,9 +102,14 @@ def plan_run(values: dict, *, explicit: set[str], resume: bool = False, check_ou
     cfg = make_config(values)
     teacher = load_model(cfg.teacher, **teacher_options(cfg))
     cfg = resolve(cfg, data_kind(teacher), explicit)
+    if "guidance" not in explicit and teacher.meta.get("default_guidance") is not None:
+        # a teacher whose guidance scale is a network input samples at its own default (FLUX.1-dev: FluxPipeline's
+        # 3.5 fed to its guidance embedding), which beats a recipe's CFG scale
+        cfg = dataclasses.replace(cfg, guidance=float(teacher.meta["default_guidance"]))
     for flag, on in (("--lora-rank", cfg.lora_rank), ("--gradient-checkpointing", cfg.gradient_checkpointing)):
         if on and not hasattr(teacher.net, "derive"):
-            raise FewstepError(f"{flag} needs a diffusers teacher (sd15, sdxl, sd3, a hub id or pipeline folder), "
+            raise FewstepError(f"{flag} needs a diffusers teacher (sd15, sdxl, sd3, flux-dev, a hub id or pipeline "
+                               f"folder), "
                                f"not {cfg.teacher!r}")
     make_optimizer(cfg.optimizer, [torch.zeros(1, requires_grad=True)], lr=1.0)  # bitsandbytes missing: fail now
     method = get_method(cfg.method)(teacher, build_method_config(cfg.method, cfg.options), guidance=cfg.guidance)

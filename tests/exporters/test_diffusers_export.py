@@ -1,4 +1,4 @@
-"""End to end on a tiny SDXL-architecture pipeline built from configs (and a tiny SD3 one): distill a few
+"""End to end on a tiny SDXL-architecture pipeline built from configs (and tiny SD3 and Flux ones): distill a few
 iterations, export a diffusers pipeline folder and LoRA weights, reload them with stock diffusers and
 compare images with `fewstep sample` on the same seeds.
 
@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import fewstep
 from fewstep.errors import FewstepError
@@ -44,21 +45,23 @@ SCHEDULERS = {"tdm": ("DDIMScheduler", [1, 2, 3, 4])}
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return {"sdxl": save_random_pipeline("sdxl", root / "sdxl"), "sd3": save_random_pipeline("sd3", root / "sd3"),
-            "sd2-v": save_random_pipeline("sd2-v", root / "sd2-v"), "data": save_caption_folder(root / "captions"),
-            "root": root}
+            "sd2-v": save_random_pipeline("sd2-v", root / "sd2-v"), "flux": save_random_pipeline("flux", root / "flux"),
+            "data": save_caption_folder(root / "captions"), "root": root}
 
 
 def _distill(tiny, arch, method, student, options, guidance=2.0):
     out = tiny["root"] / f"run-{arch}-{method}-{student}-{len(options)}"
+    kw = {} if guidance is None else {"guidance": guidance}  # None: the teacher's default
     res = fewstep.distill(method=method, teacher=str(tiny[arch]), data=str(tiny["data"]), out=str(out),
-                          lora_rank=4 if student == "lora" else 0, guidance=guidance, options=options, **FAST)
+                          lora_rank=4 if student == "lora" else 0, options=options, **kw, **FAST)
     assert res["finished"] and res["iterations"] == 3
     return out
 
 
-def _stock_images(pipe, prompts, steps, guidance, seed):
+def _stock_images(pipe, prompts, steps, guidance, seed, **kw):
     gens = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, 0, len(prompts))]
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt").images
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt",
+                **kw).images
 
 
 def _fewstep_images(run, prompts, steps, seed):
@@ -146,6 +149,60 @@ def test_flow_transformer_teacher_exports_with_flow_match_scheduler(tiny):
     base.load_lora_weights(str(lora_dir))
     base.scheduler = type(pipe.scheduler).from_pretrained(str(lora_dir), subfolder="scheduler")
     torch.testing.assert_close(_stock_images(base, PROMPTS[:2], 1, 1.0, seed=3), theirs, rtol=0, atol=1e-5)
+
+
+FLUX_CASES = [
+    ("cd", "lora", {}),  # stochastic FlowMatchEuler: one step
+    ("tdm", "full", {}),  # deterministic 4-step student: plain FlowMatchEuler, exact at 1, 2, 4 steps
+    ("lcm", "lora", {"guidance_embed": True}),  # LCM's guidance range fed to Flux's own guidance embedding
+]
+
+
+@pytest.mark.parametrize("method,student,options", FLUX_CASES, ids=[f"{m}-{s}" for m, s, _ in FLUX_CASES])
+def test_flux_students_export_to_flux_pipelines(tiny, method, student, options):
+    """Flux (guidance-distilled, packed latents): the run's guidance defaults to FluxPipeline's 3.5 and goes to the
+    teacher's guidance embedding; the exported FluxPipeline (and the LoRA file on the base FluxPipeline) called with
+    the student's own guidance_scale gives fewstep's images."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    run = _distill(tiny, "flux", method, student, options, guidance=None)
+    assert yaml.safe_load((run / "config.yaml").read_text())["guidance"] == 3.5
+    student_den = fewstep.load_model(run)
+    assert student_den.guidance_embedded and student_den.net.arch == "flux"
+    # a student samples with what it was fed in training: LCM's w clamped to its range, else 1 (not the teacher's 3.5)
+    g = float(student_den.meta.get("default_guidance", 1.0))
+    assert g == (3.0 if options.get("guidance_embed") else 1.0)
+    out = tiny["root"] / f"export-{run.name}"
+    res = fewstep.export(run, out, format="diffusers")
+    assert res["scheduler"] == "FlowMatchEulerDiscreteScheduler" and set(range(1, 9)) <= set(res["exact_steps"])
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert "transformer/diffusion_pytorch_model.safetensors" in files
+    card = (out / "README.md").read_text()
+    assert "Flux's guidance embedding" in card and "teacher at guidance scale (Flux's guidance embedding) 3.5" in card
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "FluxPipeline" and not pipe.scheduler.config.use_dynamic_shifting
+    teacher = DiffusionPipeline.from_pretrained(str(tiny["flux"])).transformer.state_dict()
+    assert any(not torch.equal(v, teacher[k]) for k, v in pipe.transformer.state_dict().items())  # trained
+    steps = (1, 2, 4) if method == "tdm" else (1,)  # stochastic re-noise: FluxPipeline gives the scheduler no generator
+    for n in steps:
+        ours = _fewstep_images(run, PROMPTS, n, seed=7)
+        theirs = _stock_images(pipe, PROMPTS, n, g, seed=7, height=16, width=16)
+        assert ours.shape == theirs.shape == (3, 3, 16, 16)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert float(ours.std()) > 0.01
+    if student == "lora":
+        lora_dir = tiny["root"] / f"lora-{run.name}"
+        fewstep.export(run, lora_dir, format="lora")
+        keys = list(load_file(str(lora_dir / "pytorch_lora_weights.safetensors")))
+        assert any(k.startswith("transformer.single_transformer_blocks.") for k in keys)
+        base = DiffusionPipeline.from_pretrained(str(tiny["flux"]))
+        base.set_progress_bar_config(disable=True)
+        base.load_lora_weights(str(lora_dir))
+        base.scheduler = type(pipe.scheduler).from_pretrained(str(lora_dir), subfolder="scheduler")
+        torch.testing.assert_close(_stock_images(base, PROMPTS, 1, g, seed=7, height=16, width=16),
+                                   _fewstep_images(run, PROMPTS, 1, seed=7), rtol=0, atol=1e-5)
 
 
 def test_v_prediction_and_deterministic_students(tiny):

@@ -69,3 +69,41 @@ def test_a_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     with pytest.raises(FewstepError, match="cannot load the diffusers pipeline"):
         load_teacher(str(tmp_path))
+
+
+def test_flux_aliases_and_default_guidance(sd15, tmp_path):
+    """FLUX.1-dev's guidance embedding makes FluxPipeline's 3.5 the teacher's default guidance (what a run on it
+    uses when it sets none); a Flux transformer without the embedding (schnell's layout) and other teachers have
+    none."""
+    import json
+
+    assert diffusers_source("flux-dev") == "black-forest-labs/FLUX.1-dev"
+    assert diffusers_source("flux-schnell") == "black-forest-labs/FLUX.1-schnell"
+    flux = save_random_pipeline("flux", tmp_path / "flux")
+    assert load_teacher(str(flux)).meta["default_guidance"] == 3.5
+    assert "default_guidance" not in load_teacher(str(sd15)).meta
+    config = flux / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))  # schnell's layout
+    assert "default_guidance" not in load_teacher(str(flux)).meta
+
+
+def test_random_flux_pipeline_round_trips_through_save_and_load(tmp_path):
+    """The tiny Flux pipeline (a letter CLIPTokenizer standing in for T5's, which FluxPipeline only calls) saves and
+    reloads with stock diffusers, and the reloaded one computes what the built one does (no dropout left on)."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.teachers.random_pipelines import build_random_pipeline
+
+    built = build_random_pipeline("flux", seed=1)
+    assert 5e4 < sum(p.numel() for p in built.transformer.parameters()) < 1e6
+    assert built.transformer.config.guidance_embeds and built.transformer.config.in_channels == 16
+    assert not any(m.training for m in (built.transformer, built.text_encoder, built.text_encoder_2, built.vae))
+    built.save_pretrained(str(tmp_path / "flux"), safe_serialization=True)
+    loaded = DiffusionPipeline.from_pretrained(str(tmp_path / "flux"))
+    assert type(loaded).__name__ == "FluxPipeline" and type(loaded.tokenizer_2).__name__ == "CLIPTokenizer"
+    for pipe in (built, loaded):
+        pipe.set_progress_bar_config(disable=True)
+    images = [pipe(["a cat", "two dots"], num_inference_steps=2, height=16, width=16, output_type="pt",
+                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images for pipe in (built, loaded)]
+    assert images[0].shape == (2, 3, 16, 16) and torch.isfinite(images[0]).all()
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
