@@ -41,7 +41,7 @@ def check_resume_matches(tmp_path: Path, iters: int = 8, **kw) -> None:
     teacher = load_teacher(kw["teacher"]).net.state_dict()
     online = run_weights(full, "student_online")
     assert any(not torch.equal(online[k], teacher[k]) for k in teacher)
-    # the loss lines (event lines, such as sCM's JVP backend, are logged once per process)
+    # the loss lines (event lines, such as sCM's JVP backend, are logged again by a resumed process)
     log = [r for r in map(json.loads, (split / "log.jsonl").read_text().splitlines()) if "losses" in r]
     assert [r["iteration"] for r in log] == list(range(1, iters + 1))
     full_log = [r for r in map(json.loads, (full / "log.jsonl").read_text().splitlines()) if "losses" in r]

@@ -349,6 +349,11 @@ class LoraDiffusersNet(DiffusersNet):
     def live(self) -> nn.Module:
         return self._tree
 
+    def jvp_modules(self) -> list[nn.Module]:
+        """The module tree this net runs but does not register (`fewstep.models.jvp.expand_modules`): JVPs hook its
+        norm layers, route its attention and cast it for a mixed-precision pass."""
+        return [self._tree]
+
     @property
     def base_model(self) -> nn.Module:
         return self._base

@@ -26,8 +26,11 @@ class TimeClassEmbedding(nn.Module):
 
     The time embedding is computed in fp32 (sCM/rCM report instabilities otherwise, Lu & Song 2024;
     Zheng et al. 2025): the sinusoidal features always, and the time MLP outside autocast (in the
-    parameters' dtype; bf16 mixed precision does not reach it).
+    parameters' dtype; bf16 mixed precision does not reach it). `jvp_keep_dtype`: a mixed-precision JVP pass
+    (`fewstep.models.jvp.networks_in_dtype`) leaves its parameters in their precision too.
     """
+
+    jvp_keep_dtype = True
 
     def __init__(self, dim: int, time_scale: float = 1000.0, num_classes: int | None = None, freq_dim: int = 128,
                  guidance_embed: bool = False, steps_embed: bool = False):

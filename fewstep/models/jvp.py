@@ -72,6 +72,40 @@ def contiguous_group_norm(modules: Sequence[nn.Module]):
             h.remove()
 
 
+def expand_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """`modules` plus the module trees they run without registering them: any module with a `jvp_modules()`
+    method (a LoRA student's diffusers tree, which shares the teacher's tensors) adds what it returns."""
+    out, seen, todo = [], set(), list(modules)
+    while todo:
+        root = todo.pop(0)
+        if id(root) in seen:
+            continue
+        seen.add(id(root))
+        out.append(root)
+        for m in root.modules():
+            extra = getattr(m, "jvp_modules", None)
+            if callable(extra):
+                todo.extend(extra())
+    return out
+
+
+def network_dtype(modules: Sequence[nn.Module], dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The precision most of the networks' parameters (by count) run in for a pass with `jvp(..., dtype=dtype)`:
+    cast ones in `dtype`, the rest (time embeddings kept in their own precision) as they are."""
+    counts: dict[torch.dtype, int] = {}
+    kept = {id(p) for root in modules for m in root.modules() if getattr(m, "jvp_keep_dtype", False)
+            for p in m.parameters()}
+    seen = set()
+    for root in modules:
+        for p in root.parameters():
+            if id(p) in seen or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            d = dtype if dtype is not None and id(p) not in kept else p.dtype
+            counts[d] = counts.get(d, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
 def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, NORM_TYPES) or "Norm" in type(m).__name__
 
@@ -140,15 +174,21 @@ def tangents_in_primal_dtype(modules: Sequence[nn.Module]):
 def networks_in_dtype(modules: Sequence[nn.Module], dtype: torch.dtype | None):
     """Every floating-point parameter and buffer of `modules` in `dtype` while the context is open (cast copies,
     one per tensor, however many modules share it; the originals come back afterwards). For no-grad passes such
-    as sCM's JVP in the run's mixed precision: a student with float32 master weights runs in bf16 there."""
+    as sCM's JVP in the run's mixed precision: a student with float32 master weights runs in bf16 there. Modules
+    with `jvp_keep_dtype = True` (the built-in nets' time embedding, fp32 by design) keep their precision. A
+    trained fp32 network is cast on every call (its weights change every step; SDXL's UNet: a 5 GB copy)."""
     if dtype is None:
         yield
         return
     copies: dict[int, torch.Tensor] = {}
     saved = []
+    kept = {id(m) for root in modules for k in root.modules() if getattr(k, "jvp_keep_dtype", False)
+            for m in k.modules()}
     try:
         for root in modules:
             for m in root.modules():
+                if id(m) in kept:
+                    continue
                 for store in (m._parameters, m._buffers):
                     for name, t in list(store.items()):
                         if t is None or not t.is_floating_point() or t.dtype == dtype:
@@ -177,6 +217,7 @@ def _forward_ad(fn, primals, tangents, backend: str, modules, dtype, attention: 
     if dtype is not None:  # the state input runs in the networks' dtype; times and the rest keep theirs
         primals = (primals[0].to(dtype), *primals[1:])
         tangents = (tangents[0].to(dtype), *tangents[1:])
+    modules = expand_modules(modules)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(networks_in_dtype(modules, dtype))
@@ -224,10 +265,11 @@ def jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangen
     `fd_steps`: (h_plus, h_minus), floats or per-sample (B,) tensors: fd evaluates fn at p + h_plus v and
     p - h_minus v and divides by h_plus + h_minus (default: both `default_fd_step` of the first primal's dtype).
     `dtype`: run the forward-AD backends in this precision (bf16 for a mixed-precision run): the floating
-    parameters and buffers of `modules`, and the first primal and tangent (the network's state input), are cast
-    to it for the pass; the other primals (times) keep theirs. fd ignores it (central differences in bf16 are
-    mostly round-off). `attention`: the attention backend of "kernel" ("auto": the Triton kernel for supported
-    half-precision CUDA inputs; "triton": the kernel or an error; "reference": PyTorch).
+    parameters and buffers of `modules` (`networks_in_dtype`), and the first primal and tangent (the network's
+    state input), are cast to it for the pass; the other primals (times) keep theirs. fd ignores it (central
+    differences in bf16 are mostly round-off). `attention`: the attention backend of "kernel" ("auto": the Triton
+    kernel for supported half-precision CUDA inputs; "strict": the same or an error; "triton": the kernel or an
+    error; "reference": PyTorch). `modules` are expanded by `expand_modules` (LoRA students' diffusers trees).
     """
     if backend not in JVP_BACKENDS or backend == "auto":
         raise ValueError(f"unknown JVP backend {backend!r}; allowed here: kernel, func, fd (auto: use JVP)")
@@ -241,6 +283,17 @@ def jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangen
         return _forward_ad(fn, primals, tangents, backend, modules, dtype, attention)
 
 
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    """What a backend that cannot run on a model raises: torch's and Python's errors, and Triton's (compilation,
+    out of resources), which derive from Exception only."""
+    errors: tuple[type[BaseException], ...] = (NotImplementedError, RuntimeError, ValueError)
+    try:
+        from triton.errors import TritonError
+    except ImportError:
+        return errors
+    return (*errors, TritonError)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
@@ -252,10 +305,11 @@ class JVP:
     "auto" tries forward-mode AD through fewstep's attention kernels, then with math attention, and keeps
     the first that runs; a model without forward-mode support gets central differences and one warning.
     A backend asked for by name never falls back: if it fails, the call raises a one-line FewstepError, and
-    "kernel" on CUDA runs the Triton attention kernel or fails (attention="triton").
+    "kernel" runs half-precision CUDA attention in the Triton kernel or fails (attention="strict"; masked
+    attention is plain math attention, the kernel has no mask). Out-of-memory errors are raised as they are.
     After each call: `chosen` is the backend in use (None before the first call under "auto"), `attention`
     counts the attention paths the call took (triton, reference, masked; empty for func and fd), `dtype` is
-    the precision the network ran in.
+    the precision most of the network's parameters ran in (`network_dtype`).
     """
 
     def __init__(self, backend: str = "auto", fd_step: float | None = None):
@@ -274,8 +328,7 @@ class JVP:
         return (h, h)
 
     def _run(self, backend, fn, primals, tangents, modules, fd_steps, dtype):
-        strict = self.backend != "auto"
-        attention = "triton" if strict and backend == "kernel" and primals[0].is_cuda else "auto"
+        attention = "strict" if self.backend == "kernel" else "auto"
         steps = self._steps(primals, fd_steps) if backend == "fd" else None
         counts = contextlib.nullcontext({})
         if backend == "kernel":
@@ -286,7 +339,7 @@ class JVP:
             out = jvp(fn, primals, tangents, backend=backend, modules=modules, fd_steps=steps,
                       dtype=None if backend == "fd" else dtype, attention=attention)
         self.attention = dict(counted)
-        self.dtype = out.dtype
+        self.dtype = network_dtype(expand_modules(modules), None if backend == "fd" else dtype) or out.dtype
         return out
 
     def __call__(self, fn, primals, tangents, *, modules: Sequence[nn.Module] = (), fd_steps=None,
@@ -297,7 +350,9 @@ class JVP:
                 return self._run(self.chosen, fn, primals, tangents, modules, fd_steps, dtype)
             try:
                 return self._run(self.chosen, fn, primals, tangents, modules, fd_steps, dtype)
-            except (NotImplementedError, RuntimeError, ValueError) as e:
+            except torch.OutOfMemoryError:
+                raise
+            except _backend_errors() as e:
                 raise FewstepError(f"the {self.chosen} JVP backend (jvp={self.chosen}) failed on this model: "
                                    f"{_first_line(e)[:300]}; a backend asked for by name does not fall back "
                                    f"(jvp=auto tries kernel, func, then finite differences)") from e
@@ -305,7 +360,9 @@ class JVP:
         for backend in FORWARD_AD_BACKENDS:
             try:
                 out = self._run(backend, fn, primals, tangents, modules, fd_steps, dtype)
-            except (NotImplementedError, RuntimeError, ValueError) as e:
+            except torch.OutOfMemoryError:  # not a backend that cannot run here: the next one would not fit either
+                raise
+            except _backend_errors() as e:
                 errors.append(f"{backend}: {_first_line(e)}")
                 continue
             self.chosen = backend

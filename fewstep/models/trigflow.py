@@ -29,6 +29,22 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     return module
 
 
+def compute_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of `module`'s first floating-point parameter outside modules kept in their own precision
+    (`jvp_keep_dtype`: the built-in nets' fp32 time embedding), else `default`: the precision it computes in."""
+    kept: set[int] = set()
+    for m in module.modules():
+        if id(m) in kept:
+            continue
+        if getattr(m, "jvp_keep_dtype", False):
+            kept.update(id(k) for k in m.modules())
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                return p.dtype
+    return default
+
+
 class TrigFlowDenoiser(nn.Module):
     """F(x, t, cond, guidance) of a wrapped Denoiser, with x and t in TrigFlow(sigma_d) units.
 
@@ -75,7 +91,7 @@ class TrigFlowDenoiser(nn.Module):
         base = unwrap_model(self.denoiser)
         call = self.denoiser if self.through_forward else base.predict
         # the model runs in its own precision (e.g. a frozen bf16 teacher), the conversions in x's dtype
-        dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), x.dtype)
+        dtype = compute_dtype(base, x.dtype)
         pred = call(x_s.to(dtype), s, cond, guidance, kind=self.prediction).to(x.dtype)
         x0, eps = to_x0_eps(pred, x_s, s, self.process, self.prediction, self.native_sigma_d)
         out = expand_like(torch.cos(t), x) * eps - expand_like(torch.sin(t) / self.sigma_d, x) * x0

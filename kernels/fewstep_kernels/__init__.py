@@ -11,7 +11,8 @@ Hugging Face ``kernels`` package.
 - `kernel_attention(modules)`: every attention layer of diffusers models (self, cross, SD3's joint, Flux's
   rotary attention) attends through `sdpa` while open; unknown processors are a ValueError.
 - `FewstepJVPAttnProcessor` / `install_fewstep_attention(model)`: a processor for classic attention layers.
-- `count_backends()`: which attention paths ran (triton, reference, masked) while open.
+- `count_backends()`: which attention paths ran (triton, reference, masked) while open; `use_backend(name)`:
+  `attention(..., backend="auto")` resolves as `name` while open.
 
 Backends: the Triton kernel for CUDA tensors, a chunked PyTorch reference elsewhere; Triton is
 imported on first use of the kernel, and only if installed.
@@ -25,6 +26,7 @@ from fewstep_kernels.attention import (
     attention_jvp,
     count_backends,
     resolve_backend,
+    use_backend,
 )
 from fewstep_kernels.diffusers_attention import (
     SDPA_PROCESSORS,
@@ -47,4 +49,5 @@ __all__ = [
     "kernel_attention",
     "resolve_backend",
     "sdpa",
+    "use_backend",
 ]

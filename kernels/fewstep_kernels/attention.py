@@ -7,13 +7,17 @@ backpropagates through it (sCM/rCM use it only inside a detached target).
 
 Backends: "triton" (the kernel; on CPU tensors it runs in Triton's interpreter, slowly, for tests),
 "reference" (PyTorch, chunked over queries), "auto" (the kernel for float16/bfloat16 CUDA tensors it
-supports when Triton is installed, the reference otherwise).
+supports when Triton is installed, the reference otherwise), "strict" (the kernel for float16/bfloat16 CUDA
+tensors, a ValueError when it cannot take them; the reference for everything else). `use_backend(name)`
+makes every `attention(..., backend="auto")` call inside it use `name` (how fewstep's JVP makes the built-in
+UNet and routed diffusers layers follow `jvp=kernel`'s strictness).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import importlib.util
 
 import torch
@@ -26,7 +30,7 @@ from fewstep_kernels.reference import (
     default_scale,
 )
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "strict")
 # float32 runs in the kernel only when asked for (backend="triton"): on GPUs its dots need three TF32
 # products each and spill registers, while the chunked reference uses cuBLAS with bounded memory.
 AUTO_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -34,6 +38,19 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 _COUNTERS: list[collections.Counter] = []
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("fewstep_attention_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """`attention(..., backend="auto")` resolves as `backend` while the context is open (in this thread)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    token = _FORCED.set(backend)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 @contextlib.contextmanager
@@ -65,6 +82,15 @@ def resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     CUDA inputs."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto" and _FORCED.get() is not None:
+        backend = _FORCED.get()
+    if backend == "strict":
+        if not (q.is_cuda and q.dtype in AUTO_KERNEL_DTYPES):
+            return "reference"
+        if not TRITON_AVAILABLE:
+            raise ValueError("strict attention needs the Triton kernel for half-precision CUDA inputs: triton is "
+                             "not installed")
+        backend = "triton"
     if backend == "auto":
         if q.is_cuda and q.dtype in AUTO_KERNEL_DTYPES and TRITON_AVAILABLE and _kernels().supports(q, k, v) is None:
             return "triton"

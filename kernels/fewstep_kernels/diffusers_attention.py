@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from fewstep_kernels.attention import BACKENDS, attention, record_backend
+from fewstep_kernels.attention import BACKENDS, attention, record_backend, use_backend
 from fewstep_kernels.reference import compute_dtype, default_scale
 
 # processors whose attention is one scaled_dot_product_attention call (see the module docstring)
@@ -118,7 +118,8 @@ def check_processors(modules) -> None:
 @contextlib.contextmanager
 def kernel_attention(modules, backend: str = "auto"):
     """Every attention layer of the diffusers models in `modules` attends through `sdpa(..., backend=backend)`
-    while the context is open (module docstring); processors and attention backends come back afterwards."""
+    while the context is open (module docstring), and `attention(..., backend="auto")` calls resolve as `backend`
+    (`use_backend`); processors and attention backends come back afterwards, also after an exception."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     check_processors(modules)
@@ -143,6 +144,7 @@ def kernel_attention(modules, backend: str = "auto"):
                 else:
                     stack.enter_context(attention_backend("native"))
             stack.enter_context(route_sdpa(backend))
+            stack.enter_context(use_backend(backend))  # direct attention() calls (the built-in UNet) follow too
             yield
         finally:
             for m, proc in saved:

@@ -15,7 +15,7 @@ from fewstep.teachers.random_pipelines import RANDOM_ARCHS, save_caption_folder,
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARCHS = [a for a in ("sdxl", "sd3", "flux") if a in RANDOM_ARCHS]
-LAYERS = {"sdxl": 8, "sd3": 2}  # attention layers of the tiny pipelines (SDXL: self + cross in 4 blocks)
+LAYERS = {"sdxl": 8, "sd3": 2, "flux": 2}  # attention layers of the tiny pipelines (SDXL: self + cross in 4 blocks)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,8 @@ def test_scm_bf16_steps_run_the_jvp_in_bf16_through_the_kernel(inputs, arch, tmp
     assert res["finished"] and res["jvp_backend"] == "kernel" and res["jvp_dtype"] == "bfloat16"
     (event,) = _events(run)
     assert event["backend"] == "kernel" and event["dtype"] == "bfloat16"
-    assert set(event["attention"]) == {"reference"}  # no masked fallback, every layer through fewstep's attention
-    if arch in LAYERS:
-        assert event["attention"]["reference"] == LAYERS[arch]
+    # every layer through fewstep's attention, none of it masked
+    assert event["attention"] == {"reference": LAYERS[arch]}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["jvp_backend"] == "kernel" and metrics["jvp_attention"] == event["attention"]
     from safetensors.torch import load_file
@@ -59,3 +58,9 @@ def test_rcm_bf16_lora_logs_the_kernel_and_a_named_backend_is_kept(inputs, tmp_p
     assert res["jvp_backend"] == "func" and res["jvp_dtype"] == "bfloat16" and res["jvp_attention"] == {}
     (event,) = _events(run)
     assert event["backend"] == "func" and event["iteration"] == 1
+    kernel = distill(method="scm", teacher=str(inputs["sdxl"]), data=str(inputs["data"]), iters=1, batch_size=2,
+                     lora_rank=4, mixed_precision="bf16", eval=False, sample_every=0, checkpoint_every=0,
+                     out=str(tmp_path / "scm_lora"))
+    # the LoRA student's (unregistered) diffusers tree runs the JVP: all 8 attention layers, in bf16
+    assert kernel["jvp_backend"] == "kernel" and kernel["jvp_attention"] == {"reference": 8}
+    assert kernel["jvp_dtype"] == "bfloat16"

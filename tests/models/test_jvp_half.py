@@ -104,6 +104,53 @@ def test_a_float32_tangent_from_a_norm_layer_is_cast_back(teachers, backend, mon
     assert not any(m._forward_hooks for m in den.modules() if isinstance(m, nn.LayerNorm))
 
 
+def test_a_lora_students_tree_is_reached_cast_and_hooked(tmp_path, monkeypatch):
+    """A LoRA student runs a diffusers tree it does not register (it shares the teacher's tensors): the JVP still
+    casts it, hooks its norm layers and routes its attention. Set up as a mixed-precision run does: the frozen
+    base in bf16, the adapters in fp32, torch's CUDA layer-norm rule."""
+    from fewstep.methods.base import DistillMethod
+    from fewstep.models.jvp import network_dtype
+    from fewstep_kernels import count_backends
+
+    den = load_teacher(save_random_pipeline("sdxl", tmp_path / "sdxl")).eval()
+    method = DistillMethod(den)
+    method.student_options = {"lora_rank": 4}
+    student = method.student_from_teacher().eval()
+    fn, primals, tangents = _problem(student)
+    ref = jvp(fn, primals, tangents, backend="func", modules=[student])  # the adapters start at zero: the teacher's
+    adapters = {id(p) for p in student.parameters()}
+    for p in den.parameters():  # what the trainer does to frozen weights under --mixed-precision bf16
+        if id(p) not in adapters:
+            p.data = p.data.to(BF16)
+    assert network_dtype([student]) == torch.float32  # only the adapters are registered ...
+    assert network_dtype(jvp_module.expand_modules([student])) == BF16  # ... the tree it runs is bf16
+    monkeypatch.setattr(F, "layer_norm", cuda_like_layer_norm)
+    layers = [m for m in student.net.live.modules() if hasattr(m, "set_processor")]
+    runner = JVP("kernel")
+    with count_backends() as counts:
+        out = runner(fn, primals, tangents, modules=[student], dtype=BF16)
+    assert counts == {"reference": len(layers)} and layers
+    assert runner.dtype == BF16 and out.dtype == BF16
+    assert _rel(out, ref) < 2e-2
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # the adapters are fp32 again
+
+
+def test_kernel_attention_restores_everything_after_an_exception():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from fewstep_kernels import kernel_attention
+
+    net = nn.ModuleDict({"a": Attention(8, heads=2, dim_head=4), "b": Attention(8, heads=2, dim_head=4,
+                                                                                  processor=AttnProcessor())})
+    net["a"].processor._attention_backend = "flash"  # a processor pinned to another diffusers backend
+    sdpa = F.scaled_dot_product_attention
+    with pytest.raises(KeyError), kernel_attention([net]):
+        assert F.scaled_dot_product_attention is not sdpa and net["a"].processor._attention_backend is None
+        raise KeyError("boom")
+    assert F.scaled_dot_product_attention is sdpa
+    assert type(net["a"].processor) is AttnProcessor2_0 and net["a"].processor._attention_backend == "flash"
+    assert type(net["b"].processor) is AttnProcessor
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernel_path_matches_func_in_fp32(teachers, arch):
     """Every attention layer (SD3's joint attention, Flux's rotary attention included) runs through fewstep's
