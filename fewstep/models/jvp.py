@@ -52,24 +52,36 @@ def default_fd_step(dtype: torch.dtype) -> float:
 
 
 @contextlib.contextmanager
-def contiguous_group_norm(modules: Sequence[nn.Module]):
-    """Forward pre-hooks that make every GroupNorm input contiguous while the context is open."""
-    handles = []
-
-    def hook(_module, args):
-        return (args[0].contiguous(), *args[1:])
-
-    seen = set()
-    for root in modules:
-        for m in root.modules():
-            if isinstance(m, nn.GroupNorm) and id(m) not in seen:
-                seen.add(id(m))
-                handles.append(m.register_forward_pre_hook(hook))
+def _hooked(modules: Sequence[nn.Module], wanted: Callable[[nn.Module], bool], register):
+    """`register(m)` (a hook handle) on every module of `modules` that is `wanted`, once each, removed on exit."""
+    handles, seen = [], set()
     try:
+        for root in modules:
+            for m in root.modules():
+                if wanted(m) and id(m) not in seen:
+                    seen.add(id(m))
+                    handles.append(register(m))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _kept_in_own_dtype(modules: Sequence[nn.Module]) -> set[int]:
+    """ids of every module inside a `jvp_keep_dtype` module of `modules` (left in its precision by a bf16 pass)."""
+    return {id(m) for root in modules for k in root.modules() if getattr(k, "jvp_keep_dtype", False)
+            for m in k.modules()}
+
+
+@contextlib.contextmanager
+def contiguous_group_norm(modules: Sequence[nn.Module]):
+    """Forward pre-hooks that make every GroupNorm input contiguous while the context is open."""
+
+    def hook(_module, args):
+        return (args[0].contiguous(), *args[1:])
+
+    with _hooked(modules, lambda m: isinstance(m, nn.GroupNorm), lambda m: m.register_forward_pre_hook(hook)):
+        yield
 
 
 def expand_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
@@ -93,8 +105,9 @@ def network_dtype(modules: Sequence[nn.Module], dtype: torch.dtype | None = None
     """The precision most of the networks' parameters (by count) run in for a pass with `jvp(..., dtype=dtype)`:
     cast ones in `dtype`, the rest (time embeddings kept in their own precision) as they are."""
     counts: dict[torch.dtype, int] = {}
-    kept = {id(p) for root in modules for m in root.modules() if getattr(m, "jvp_keep_dtype", False)
-            for p in m.parameters()}
+    kept_modules = _kept_in_own_dtype(modules)
+    kept = {id(p) for root in modules for m in root.modules() if id(m) in kept_modules
+            for p in m.parameters(recurse=False)}
     seen = set()
     for root in modules:
         for p in root.parameters():
@@ -153,21 +166,11 @@ def tangents_in_primal_dtype(modules: Sequence[nn.Module]):
     the float32 statistics of a bf16/fp16 input and returns a float32 tangent for a half-precision output; the
     next Linear then fails on mixed dtypes. Norm layers are where torch keeps statistics in float32, so they are
     the layers hooked (they are few; a hook on every module would add Python work to thousands of layers)."""
-    handles, seen = [], set()
-
     def hook(_module, _args, out):
         return _tangent_in_primal_dtype(out)
 
-    for root in modules:
-        for m in root.modules():
-            if _is_norm(m) and id(m) not in seen:
-                seen.add(id(m))
-                handles.append(m.register_forward_hook(hook))
-    try:
+    with _hooked(modules, _is_norm, lambda m: m.register_forward_hook(hook)):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -182,8 +185,7 @@ def networks_in_dtype(modules: Sequence[nn.Module], dtype: torch.dtype | None):
         return
     copies: dict[int, torch.Tensor] = {}
     saved = []
-    kept = {id(m) for root in modules for k in root.modules() if getattr(k, "jvp_keep_dtype", False)
-            for m in k.modules()}
+    kept = _kept_in_own_dtype(modules)
     try:
         for root in modules:
             for m in root.modules():
