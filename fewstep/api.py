@@ -22,7 +22,7 @@ def _check_positive(name: str, value, minimum=1):
 
 
 def sample(
-    model: str,
+    model,
     *,
     num: int = 4096,
     steps: int | None = None,
@@ -37,8 +37,20 @@ def sample(
     renoise: str | None = None,
     prompt: str | None = None,
     prompts: str | Path | list[str] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    compile: bool = False,
+    cuda_graphs: bool = False,
+    channels_last: bool = False,
+    vae_tiling: bool = False,
 ) -> dict:
     """Generate `num` samples from a teacher or student and optionally write them to `out`.
+
+    `model`: a built-in teacher name, model or run directory, diffusers pipeline, or a loaded Denoiser (then kept
+    where it is unless `device`/`dtype` are given, and the fast-inference options stay applied to it, so repeated
+    calls pay for compilation and graph capture once). `device`: auto | cpu | cuda | cuda:N (auto: CUDA when
+    available); `dtype`: auto | fp32 | bf16 | fp16 (auto: bf16 for diffusers models on CUDA, fp32 otherwise).
+    `compile`, `cuda_graphs`, `channels_last`, `vae_tiling`: fast inference (`fewstep.sampling.fast`).
 
     Sample i uses per-sample seed i of `seed`, so results do not depend on the batch size.
     Settings left as None come from the model (`fewstep.sampling.sampler_settings`): its default solver,
@@ -67,7 +79,9 @@ def sample(
         raise FewstepError("give --prompt or --prompts, not both")
     if out is not None:
         ensure_new_path(out)
-    den = load_model(model)
+    den = _model_on_device(model, device, dtype)
+    fast = _fast_inference(den, compile=compile, cuda_graphs=cuda_graphs, channels_last=channels_last,
+                           vae_tiling=vae_tiling)
     meta = den.meta
     text = den.cond_kind == "text" and den.components is not None
     batch_size = batch_size or (8 if text else 1024)
@@ -87,22 +101,25 @@ def sample(
         raise FewstepError(f"--guidance needs a conditional model; {model!r} is unconditional")
     if out is not None and den.data_shape is not None and len(den.data_shape) == 1 and Path(out).suffix != ".npz":
         raise FewstepError(f"2-D samples are written as .npz; got --out {str(out)!r} (use e.g. samples.npz)")
-    cond, prompt_list = None, None
+    cond, prompt_list, decode = None, None, None
+    t0 = time.perf_counter()
     if text:
         prompt_list = _prompt_list(prompt, prompts)
         unique = list(dict.fromkeys(prompt_list))
-        encoded = den.components.encode_prompts(unique)
+        encoded = den.components.encode_prompts(unique)  # each unique prompt once (and cached across calls)
         rows = torch.tensor([unique.index(prompt_list[i % len(prompt_list)]) for i in range(num)])
         cond = {k: v[rows] for k, v in encoded.items()}
-    t0 = time.perf_counter()
+        parts = den.components
+
+        def decode(latents):  # each batch as it is made, on the model's device
+            return parts.decode(latents, batch_size=min(len(latents), 8))
+
     samples, used_labels = generate(den, num, timesteps=settings.timesteps, solver=solver, seed=seed,
                                     batch_size=batch_size, labels=labels, guidance=guidance, progress=progress,
-                                    cond=cond, renoise=settings.renoise)
-    if text:
-        samples = den.components.decode(samples)
+                                    cond=cond, renoise=settings.renoise, decode=decode)
     seconds = time.perf_counter() - t0
     result = {
-        "model": str(model),
+        "model": str(model) if not isinstance(model, torch.nn.Module) else meta.get("teacher_name", "<model>"),
         "data": meta.get("data"),
         "num": int(num),
         "steps": int(steps),
@@ -113,6 +130,8 @@ def sample(
         "guidance": float(guidance),
         "label": label,
         **({"prompts": prompt_list} if prompt_list is not None else {}),
+        **_where(den),
+        "fast": fast,
         "seconds": round(seconds, 3),
         "samples_per_second": round(num / max(seconds, 1e-9), 1),
     }
@@ -121,6 +140,42 @@ def sample(
         result["outputs"] = saved["paths"]
     result["_samples"], result["_labels"] = samples, used_labels
     return result
+
+
+def _model_on_device(model, device, dtype):
+    """A loaded Denoiser on `device` in `dtype`: `model` loaded (auto when None), or a Denoiser moved only where
+    asked."""
+    from fewstep.devices import check_dtype, resolve_device, resolve_dtype
+
+    check_dtype(dtype)
+    if not isinstance(model, torch.nn.Module):
+        return load_model(model, "auto" if device is None else device, dtype="auto" if dtype is None else dtype)
+    from fewstep.sampling.generation import model_device
+
+    den = model
+    if device is not None:
+        den.to(resolve_device(device))
+        if den.components is not None:
+            den.components.to(model_device(den))
+    if dtype is not None:
+        den.to(resolve_dtype(dtype, model_device(den), diffusers=den.components is not None))
+    return den
+
+
+def _fast_inference(den, **options) -> dict:
+    if not any(options.values()):
+        return dict(den.__dict__.get("_fast_inference") or {})
+    from fewstep.sampling.fast import prepare_inference
+
+    return prepare_inference(den, **options)
+
+
+def _where(den) -> dict:
+    """Where a model ran: its device and precision (as the JSON results report them)."""
+    from fewstep.devices import dtype_name
+    from fewstep.sampling.generation import model_device, model_dtype
+
+    return {"device": str(model_device(den)), "dtype": dtype_name(model_dtype(den))}
 
 
 def _prompt_list(prompt, prompts) -> list[str]:
@@ -181,9 +236,13 @@ def evaluate_samples(metric: str | None, samples, *, ref: str | None = None) -> 
 
 def pairs(teacher: str, out: str | Path, *, num: int, steps: int | None = None, solver: str = "heun",
           spacing: str = "uniform", seed: int = 0, guidance: float = 1.0, shard_size: int = 4096,
-          batch_size: int = 1024, worker: int = 0, workers: int = 1, progress=None) -> dict:
+          batch_size: int = 1024, worker: int = 0, workers: int = 1, progress=None, device: str | None = None,
+          dtype: str | None = None) -> dict:
     """Make (or finish) the pair set `out`: teacher (noise, ODE sample) pairs as sharded safetensors
-    (see fewstep.sampling.pairs). `steps` defaults to the teacher's own; `progress(n, total)` after each batch."""
+    (see fewstep.sampling.pairs). `steps` defaults to the teacher's own; `progress(n, total)` after each batch.
+    `device` (auto | cpu | cuda | cuda:N) and `dtype` (auto | fp32 | bf16 | fp16) as for `sample`; the teacher's
+    weights in that dtype are part of what the set is (a set is finished in the precision it was started in),
+    the device is not."""
     from fewstep.diffusion.timesteps import SPACINGS
     from fewstep.sampling.pairs import generate_pairs, open_pairs, shard_name
 
@@ -194,7 +253,7 @@ def pairs(teacher: str, out: str | Path, *, num: int, steps: int | None = None, 
     check_choice("spacing", spacing, SPACINGS)
     if workers < 1 or not 0 <= worker < workers:
         raise FewstepError(f"need 0 <= --worker < --workers, got --worker {worker} --workers {workers}")
-    den = load_model(teacher)
+    den = _model_on_device(teacher, device, dtype)
     if guidance != 1.0 and den.cond_kind == "none":
         raise FewstepError(f"--guidance needs a conditional model; {teacher!r} is unconditional")
     steps = int(steps or den.meta.get("default_steps", 50))
@@ -206,13 +265,15 @@ def pairs(teacher: str, out: str | Path, *, num: int, steps: int | None = None, 
     result = generate_pairs(den, out, num, **kw, worker=worker, workers=workers,
                             progress=(lambda n: progress(n, todo)) if progress is not None else None)
     result["data"] = den.meta.get("data")
+    result.update(_where(den))
     return result
 
 
 def fid(samples, ref, *, progress=None, **options) -> dict:
     """FID (optionally KID and precision/recall) of `samples` (an image folder, a samples .npz, or a model sampled
     `num` times) against `ref` (an image folder, a samples .npz, or a statistics .npz); see
-    `fewstep.eval.fid.compute_fid` for the options. `progress(stage, n, total)` as batches are done."""
+    `fewstep.eval.fid.compute_fid` for the options (`device`: auto | cpu | cuda | cuda:N for Inception and a
+    sampled model, `dtype`: the sampled model's precision). `progress(stage, n, total)` as batches are done."""
     from fewstep.eval.fid import compute_fid
 
     return compute_fid(samples, ref, progress=progress, **options)
@@ -246,13 +307,19 @@ def list_teachers() -> list[dict]:
     return rows
 
 
-def train_teacher(data: str, out: str | Path, **kwargs) -> dict:
+def train_teacher(data: str, out: str | Path, *, device: str | None = None, dtype: str | None = None,
+                  **kwargs) -> dict:
     """Train a flow-matching teacher on built-in data or an image folder into the new directory `out` (see
-    fewstep.teachers.train)."""
+    fewstep.teachers.train): on `device` (auto | cpu | cuda | cuda:N; auto: CUDA when available) with the forward
+    pass in `dtype` (auto | fp32 | bf16 | fp16; auto: fp32)."""
+    from fewstep.devices import check_dtype, resolve_device
     from fewstep.teachers.train import train_teacher as _train
 
+    resolve_device(device)  # bad input fails before anything is written
+    check_dtype(dtype)
     ensure_new_path(out, "--out")
-    return _train(data, out, **kwargs)
+    return _train(data, out, device="auto" if device is None else device, dtype="auto" if dtype is None else dtype,
+                  **kwargs)
 
 
 def distill(config=None, *, resume: bool = False, progress=None, progress_eval=None, status=None,

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fewstep.devices import DEVICE_HELP, DTYPE_HELP
 from fewstep.errors import FewstepError
 
 out_console = Console()
@@ -29,6 +30,8 @@ err_console = Console(stderr=True)
 state = {"debug": bool(os.environ.get("FEWSTEP_DEBUG"))}
 
 JSON_OPT = typer.Option(False, "--json", help="Print the result as one JSON object (last line of stdout).")
+DEVICE_OPT = typer.Option("auto", "--device", help=DEVICE_HELP + ".")
+DTYPE_OPT = typer.Option("auto", "--dtype", help=DTYPE_HELP + ".")
 
 
 def sub_app(help: str) -> typer.Typer:

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from fewstep import api
-from fewstep.commands.common import JSON_OPT, StageProgress, command, emit, sub_app
+from fewstep.commands.common import DEVICE_OPT, JSON_OPT, StageProgress, command, emit, sub_app
 
 _STAGE_LABELS = {"samples": "samples -> Inception", "reference": "reference -> Inception",
                  "images": "images -> features"}
@@ -51,7 +51,6 @@ INCEPTION_OPT = typer.Option(None, "--inception", help="Inception weights: pt_in
                              "$TORCH_HOME/hub/checkpoints/ (~/.cache/torch/hub/checkpoints/).")
 RESIZE_OPT = typer.Option("clean", "--resize", help="clean (PIL bicubic antialiased, like clean-fid) | legacy "
                           "(bilinear F.interpolate, like pytorch-fid).")
-DEVICE_OPT = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cuda when available).")
 
 
 def fid(
@@ -72,7 +71,9 @@ def fid(
     pr: bool = typer.Option(False, "--pr", help="Also precision/recall (k-NN manifolds, k=3)."),
     save_images: Path | None = typer.Option(None, "--save-images", help="Also write the drawn samples as PNGs "
                                             "to this new directory (models only)."),
-    device: str | None = DEVICE_OPT,
+    device: str = DEVICE_OPT,
+    dtype: str = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16: the precision a model given as "
+                              "--samples runs in (default auto: fp32 for the built-in networks)."),
     as_json: bool = JSON_OPT,
 ):
     """FID in Inception pool3 features (optionally KID and precision/recall), streamed batch by batch."""
@@ -80,7 +81,7 @@ def fid(
     try:
         result = api.fid(samples, ref, inception=inception, resize=resize, num=num, steps=steps, solver=solver,
                          seed=seed, batch_size=batch_size, guidance=guidance, kid=kid, pr=pr, save_images=save_images,
-                         device=device, progress=bars)
+                         device=device, dtype=dtype, progress=bars)
     finally:
         bars.close()
     emit(result, as_json, "fewstep eval fid")
@@ -94,7 +95,7 @@ def stats(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception batch."),
     save_features: bool = typer.Option(False, "--save-features", help="Also store the features (float32), so "
                                        "KID and precision/recall can use this reference."),
-    device: str | None = DEVICE_OPT,
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Compute reference Inception statistics once (for `fewstep eval fid --ref STATS.npz`)."""
@@ -114,7 +115,7 @@ def clip(
     clip_path: Path = typer.Option(..., "--clip", help="Local CLIP model folder (transformers CLIPModel + "
                                    "tokenizer files); nothing is downloaded."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per CLIP batch."),
-    device: str | None = DEVICE_OPT,
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """CLIP score: 100 * max(cos(image, prompt), 0), averaged over images."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from fewstep import api
-from fewstep.commands.common import JSON_OPT, command, emit, progress_bar
+from fewstep.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, command, emit, progress_bar
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +27,8 @@ def pairs(
     batch_size: int = typer.Option(1024, "--batch-size", help="Pairs per network batch."),
     worker: int = typer.Option(0, "--worker", help="Make only the shards j with j mod WORKERS = WORKER (0-based)."),
     workers: int = typer.Option(1, "--workers", help="Machines sharing the set (each makes its shards)."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Make teacher (noise, sample) pairs as sharded safetensors; re-run the same command to finish a set."""
@@ -38,5 +40,5 @@ def pairs(
 
         result = api.pairs(teacher, out, num=num, steps=steps, solver=solver, spacing=spacing, seed=seed,
                            guidance=guidance, shard_size=shard_size, batch_size=batch_size, worker=worker,
-                           workers=workers, progress=progress)
+                           workers=workers, progress=progress, device=device, dtype=dtype)
     emit(result, as_json, "fewstep pairs")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from fewstep import api
-from fewstep.commands.common import JSON_OPT, command, emit, progress_bar
+from fewstep.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, command, emit, progress_bar
 from fewstep.errors import FewstepError
 
 
@@ -35,6 +35,16 @@ def sample(
     prompt: str | None = typer.Option(None, "--prompt", help="Text-to-image models: the prompt of every sample."),
     prompts: Path | None = typer.Option(None, "--prompts", help="Text-to-image models: a prompt file (.txt one per "
                                         "line, .jsonl, .csv); sample i gets prompt i modulo their number."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network and the VAE decoder (slow "
+                                 "first batch, faster after)."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay the network's calls from CUDA graphs "
+                                     "(fixed-shape few-step sampling; CUDA only)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Convolution weights in channels-last "
+                                       "layout (UNets and the VAE)."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode latents tile by tile (large images on "
+                                    "little memory)."),
     as_json: bool = JSON_OPT,
 ):
     """Draw samples from a teacher or student with the shared sampler engine."""
@@ -43,5 +53,7 @@ def sample(
     with progress_bar("sampling", num) as bar:
         result = api.sample(teacher or model, num=num, steps=steps, solver=solver, spacing=spacing, seed=seed,
                             guidance=guidance, label=label, batch_size=batch_size, out=out, progress=bar.advance,
-                            renoise=renoise, prompt=prompt, prompts=prompts)
+                            renoise=renoise, prompt=prompt, prompts=prompts, device=device, dtype=dtype,
+                            compile=compile, cuda_graphs=cuda_graphs, channels_last=channels_last,
+                            vae_tiling=vae_tiling)
     emit(result, as_json, "fewstep sample")

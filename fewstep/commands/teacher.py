@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from fewstep import api
-from fewstep.commands.common import JSON_OPT, command, emit, print_rows, progress_bar, sub_app
+from fewstep.commands.common import (
+    DEVICE_OPT,
+    JSON_OPT,
+    command,
+    emit,
+    print_rows,
+    progress_bar,
+    sub_app,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +43,9 @@ def teacher_train(
     lr: float | None = typer.Option(None, help="Learning rate (default: per data)."),
     resolution: int | None = typer.Option(None, help="Image resolution for image folders."),
     seed: int = typer.Option(0, help="Seed."),
+    device: str = DEVICE_OPT,
+    dtype: str = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16: the forward pass's precision "
+                              "(autocast; weights stay fp32; default auto: fp32)."),
     as_json: bool = JSON_OPT,
 ):
     """Train a flow-matching teacher and write safetensors + config."""
@@ -46,5 +57,5 @@ def teacher_train(
             bar.note(f"loss {loss:.4f}")
 
         result = api.train_teacher(data, out, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
-                                   resolution=resolution, progress=progress)
+                                   resolution=resolution, progress=progress, device=device, dtype=dtype)
     emit(result, as_json, "fewstep teacher train")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewstep.devices import resolve_device
 from fewstep.errors import FewstepError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -53,8 +54,7 @@ class CLIPScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise FewstepError(f"cannot load CLIP from {str(path)!r}: {str(e).splitlines()[0]}") from None
-        self.device = torch.device(device) if device is not None else \
-            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         self.batch_size = int(batch_size)
         image_size = int(self.model.config.vision_config.image_size)

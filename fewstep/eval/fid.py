@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewstep.devices import resolve_device
 from fewstep.errors import FewstepError
 from fewstep.eval.frechet import frechet_distance
 from fewstep.eval.inception import FEATURE_DIM, InceptionFeatures, check_resize, inception_features, to_uint8_images
@@ -250,19 +251,6 @@ def check_protocol(ref_protocol: dict, protocol: dict, ref_name: str) -> None:
 
 
 # -- the library calls ---------------------------------------------------------------------------------
-def resolve_device(device=None) -> torch.device:
-    """`device`, or CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise FewstepError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FewstepError(f"--device {device!r} asked for CUDA, which is not available here")
-    return dev
-
-
 def reference_stats(images, out: str | Path, *, inception: str | Path | None = None, resize: str = "clean",
                     batch_size: int = 64, save_features: bool = False, device=None,
                     progress: Progress | None = None) -> dict:
@@ -319,7 +307,7 @@ def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: st
                 steps: int | None = None, solver: str | None = None, seed: int = 0, batch_size: int = 64,
                 guidance: float | None = None, kid: bool = False, pr: bool = False, kid_subsets: int = 100,
                 kid_subset_size: int = 1000, pr_k: int = 3, save_images: str | Path | None = None, device=None,
-                progress: Progress | None = None) -> dict:
+                dtype=None, progress: Progress | None = None) -> dict:
     """FID of `samples` (image folder, samples .npz, or model sampled `num` times) against `ref`
     (image folder, samples .npz, or a stats .npz with the same protocol); optionally KID and
     precision/recall from the same features. Returns a JSON-able result with the full protocol.
@@ -342,7 +330,7 @@ def compute_fid(samples, ref, *, inception: str | Path | None = None, resize: st
 
         ensure_new_path(save_images, "--save-images")
     source = open_samples(samples, num=num, steps=steps, solver=solver, seed=seed, batch_size=batch_size,
-                          guidance=guidance, device=device)
+                          guidance=guidance, device=device, dtype=dtype)
     if save_images is not None and source.kind != "model":
         raise FewstepError("--save-images applies when sampling a model; these samples are files already")
     extractor = inception_features(inception, resize, device, batch_size)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fewstep.errors import FewstepError
+from fewstep.sampling.generation import model_device, model_dtype
 from fewstep.teachers import load_model
 
 __all__ = ["ImageFolderSamples", "ModelSamples", "NpzSamples", "looks_like_model_dir", "open_samples"]
@@ -112,7 +113,7 @@ class ModelSamples:
 
     def __init__(self, spec: str, num: int, *, steps: int | None = None, solver: str | None = None,
                  spacing: str | None = None, seed: int = 0, batch_size: int = 64, guidance: float | None = None,
-                 device=None):
+                 device=None, dtype=None):
         from fewstep.sampling import sampler_settings
 
         if num is None or int(num) < 2:
@@ -121,17 +122,18 @@ class ModelSamples:
             raise FewstepError(f"--steps must be >= 1, got {steps}")
         if batch_size < 1:
             raise FewstepError(f"--batch-size must be >= 1, got {batch_size}")
+        from fewstep.devices import dtype_name
+
         self.spec = str(spec)
-        den = load_model(self.spec)
+        den = load_model(self.spec, "cpu" if device is None else device, dtype="auto" if dtype is None else dtype)
         if den.data_shape is None or len(den.data_shape) != 3:
             raise FewstepError(f"model {self.spec!r} does not generate images (data shape {den.data_shape}); "
                                "FID needs images")
         if den.cond_kind == "text":
             raise FewstepError(f"model {self.spec!r} is text-conditional: sample it with prompts and pass the "
                                "image folder as --samples")
-        if device is not None:
-            den = den.to(device)
         self.denoiser = den
+        self.device, self.dtype = str(model_device(den)), dtype_name(model_dtype(den))
         settings = sampler_settings(den, steps=steps, solver=solver, guidance=guidance, spacing=spacing)
         self.steps, self.solver, self.renoise = settings.steps, settings.solver, settings.renoise
         self.spacing, self.timesteps = settings.spacing, settings.timesteps
@@ -140,12 +142,12 @@ class ModelSamples:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "model": self.spec, "num": self.total, "steps": self.steps, "solver": self.solver,
-                "spacing": self.spacing, "renoise": self.renoise, "seed": self.seed, "guidance": self.guidance}
+                "spacing": self.spacing, "renoise": self.renoise, "seed": self.seed, "guidance": self.guidance,
+                "device": self.device, "dtype": self.dtype}
 
     @torch.no_grad()
     def batches(self):
         from fewstep.sampling import noise_for_seeds, sample, sample_seeds
-        from fewstep.sampling.generation import model_device, model_dtype
 
         den = self.denoiser
         dtype, device = model_dtype(den), model_device(den)
@@ -167,12 +169,13 @@ def looks_like_model_dir(path: Path) -> bool:
 
 
 def open_samples(spec, *, num: int | None = None, steps: int | None = None, solver: str | None = None,
-                 seed: int = 0, batch_size: int = 64, guidance: float | None = None, device=None):
+                 seed: int = 0, batch_size: int = 64, guidance: float | None = None, device=None, dtype=None):
     """A sample source for `spec`: an .npz file, an image folder, or a model (name, model or run directory).
 
     A directory with config.json / config.yaml / model.safetensors is a model; other directories are
     image folders (or, with no images but grid.png, the samples.npz `fewstep sample` wrote there).
-    Sampling options apply to models only.
+    Sampling options apply to models only (`device`, `dtype`: where and in what precision the model runs, see
+    `fewstep.teachers.load_model`; dtype None is auto: fp32 for the built-in networks).
     """
     path = Path(str(spec))
     if path.is_file():
@@ -189,7 +192,7 @@ def open_samples(spec, *, num: int | None = None, steps: int | None = None, solv
         src = ImageFolderSamples(path, batch_size) if from_pngs else NpzSamples(path / SAMPLES_NPZ, batch_size)
     else:
         return ModelSamples(str(spec), num if num is not None else 0, steps=steps, solver=solver, seed=seed,
-                            batch_size=batch_size, guidance=guidance, device=device)
+                            batch_size=batch_size, guidance=guidance, device=device, dtype=dtype)
     if num is not None and num != src.total:
         raise FewstepError(f"--num {num} applies to models; {str(path)!r} holds {src.total} images")
     return src

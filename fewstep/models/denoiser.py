@@ -92,6 +92,17 @@ class Denoiser(nn.Module):
         # `fewstep.models.diffusers_pipeline.TextToImageParts`, shared by copies; None otherwise.
         self.components = None
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device, dtype)`, `.cuda()`, `.half()`, ...: the text null condition follows the network (so CFG does
+        not copy it to the accelerator at every call)."""
+        super()._apply(fn, recurse)
+        null = self._null_cond
+        if isinstance(null, dict):
+            self._null_cond = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in null.items()}
+        elif isinstance(null, torch.Tensor):
+            self._null_cond = fn(null)
+        return self
+
     # -- conditioning --------------------------------------------------------------------------
     @property
     def conditional(self) -> bool:

@@ -33,6 +33,7 @@ SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeli
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length (T5 tokens), which fewstep's prompts use too
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 PROBE_PROMPTS = ["", "a photo of a cat"]
+PROMPT_CACHE_SIZE = 4096  # prompts whose conditions a pipeline keeps in memory (least recently used dropped)
 
 
 def hub_hint(source: str) -> str:
@@ -107,10 +108,15 @@ class TextToImageParts:
     """Prompt encoder, null condition and VAE of a text-to-image pipeline (shared, never deep-copied)."""
 
     def __init__(self, pipe, arch: str, resolution: tuple[int, int]):
+        from collections import OrderedDict
+
         self.pipe = pipe
         self.arch = arch
         self.resolution = tuple(resolution)
         self._fingerprint = None
+        # prompt -> its conditions (CPU, batch 1): each unique prompt is encoded once per process
+        self._prompt_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.prompt_cache_hits = self.prompt_cache_misses = 0
 
     def __deepcopy__(self, memo):
         return self
@@ -145,14 +151,28 @@ class TextToImageParts:
     # -- text -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
-        """Conditions for `prompts` (CPU tensors, batch first), computed by the pipeline's `encode_prompt`."""
+        """Conditions for `prompts` (CPU tensors, batch first), computed by the pipeline's `encode_prompt`. Each
+        unique prompt is encoded once (in batches of `batch_size`) and kept: the last PROMPT_CACHE_SIZE prompts
+        come from memory."""
         prompts = [str(p) for p in prompts]
-        parts: list[dict[str, torch.Tensor]] = []
-        for i in range(0, len(prompts), batch_size):
-            parts.append(self._encode(prompts[i:i + batch_size]))
-        if not parts:
+        if not prompts:
             raise FewstepError("no prompts to encode")
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        cache = self._prompt_cache
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        self.prompt_cache_misses += len(missing)
+        self.prompt_cache_hits += len(prompts) - len(missing)
+        fresh: dict[str, dict[str, torch.Tensor]] = {}
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i:i + batch_size]
+            encoded = self._encode(chunk)
+            for j, p in enumerate(chunk):
+                fresh[p] = {k: v[j:j + 1].clone() for k, v in encoded.items()}
+        rows = [fresh.get(p) or cache[p] for p in prompts]
+        for p in dict.fromkeys(prompts):  # most recently used last
+            cache[p] = fresh.get(p) or cache.pop(p)
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         pipe, dev = self.pipe, self.device
@@ -237,7 +257,8 @@ class TextToImageParts:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """Images in [-1, 1] (CPU, float32) from latents, as the stock pipeline decodes them."""
+        """Images in [-1, 1] (CPU, float32) from latents, as the stock pipeline decodes them, `batch_size` at a time
+        on the VAE's device."""
         cfg = self.vae.config
         dtype = self._vae_dtype()
         out = []
@@ -324,9 +345,9 @@ def denoiser_from_pipeline(pipe, source: str, *, resolution=None, name: str | No
     return den.eval()
 
 
-def load_diffusers_denoiser(directory: str | Path, cfg: dict, device="cpu") -> Denoiser:
+def load_diffusers_denoiser(directory: str | Path, cfg: dict, device="cpu", *, dtype=None) -> Denoiser:
     """A student saved by `save_denoiser` from a diffusers teacher: its base pipeline (from the recorded
-    source) with the saved LoRA adapter or full weights (safetensors) on top."""
+    source, in `dtype`, None: as stored) with the saved LoRA adapter or full weights (safetensors) on top."""
     from fewstep.diffusion.processes import process_from_config
     from fewstep.models.weights import load_weights
 
@@ -336,7 +357,7 @@ def load_diffusers_denoiser(directory: str | Path, cfg: dict, device="cpu") -> D
     if not source:
         raise FewstepError(f"{str(directory / 'config.json')!r} does not say which pipeline the student was made from")
     try:
-        pipe = load_pipeline(source, name=meta.get("teacher_name"))
+        pipe = load_pipeline(source, dtype=dtype, name=meta.get("teacher_name"))
     except FewstepError as e:
         raise FewstepError(f"the student in {str(directory)!r} needs its teacher pipeline: {e}") from None
     teacher = denoiser_from_pipeline(pipe, source, resolution=meta.get("resolution"), name=meta.get("teacher_name"))

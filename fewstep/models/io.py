@@ -61,14 +61,15 @@ def read_config(directory: str | Path) -> dict:
     return cfg
 
 
-def load_denoiser(directory: str | Path, device: str | torch.device = "cpu") -> Denoiser:
-    """Rebuild a Denoiser saved by `save_denoiser` (safetensors only; no pickle)."""
+def load_denoiser(directory: str | Path, device: str | torch.device = "cpu", *, dtype=None) -> Denoiser:
+    """Rebuild a Denoiser saved by `save_denoiser` (safetensors only; no pickle). `dtype`: the precision a diffusers
+    student's base pipeline is loaded in (None: as stored); built-in networks are cast by the caller."""
     directory = Path(directory)
     cfg = read_config(directory)
     if cfg["network"].get("type") == "diffusers":  # a student of a diffusers teacher: weights over its pipeline
         from fewstep.models.diffusers_pipeline import load_diffusers_denoiser
 
-        return load_diffusers_denoiser(directory, cfg, device)
+        return load_diffusers_denoiser(directory, cfg, device, dtype=dtype)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FewstepError(f"{str(weights)!r} not found")

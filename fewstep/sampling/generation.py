@@ -53,6 +53,7 @@ def generate(
     progress=None,
     cond=None,
     noise_stream: str | None = None,
+    decode=None,
 ):
     """`num` samples and their labels (or None), drawn batch by batch.
 
@@ -62,7 +63,9 @@ def generate(
     tensor. `progress(n)` is called after each batch with the number of samples it made. Samples come
     back on the CPU in at least float32. `cond`: per-sample conditions other than labels (a tensor or a
     dict of tensors with `num` rows, e.g. text embeddings). `noise_stream`: "hashed" or "sequential"
-    (see fewstep.sampling.seeds; default: the model's meta["noise_stream"], else hashed).
+    (see fewstep.sampling.seeds; default: the model's meta["noise_stream"], else hashed). `decode`: applied to each
+    batch of samples on the model's device before it moves to the CPU (a latent model's VAE decode, batched like
+    the sampling).
     """
     check_solver(solver)
     check_renoise(renoise)
@@ -110,13 +113,16 @@ def generate(
             w = guidance[start:start + count].to(device) if per_sample_guidance else guidance
             x = sample(denoiser, noise, timesteps=timesteps, solver=solver, cond=c, guidance=w,
                        renoise=renoise, seeds=seeds)
+            if decode is not None:
+                x = decode(x)
             out.append(x.to(torch.promote_types(x.dtype, torch.float32)).cpu())
             if progress is not None:
                 progress(count)
     finally:
         denoiser.train(was_training)
-    samples = torch.cat(out) if out else torch.empty((0, *denoiser.data_shape))
-    return samples, labels
+    if out:
+        return torch.cat(out), labels
+    return (torch.empty((0, *denoiser.data_shape)) if decode is None else torch.empty((0,))), labels
 
 
 def _rows(cond, start: int, count: int, device):

@@ -49,7 +49,7 @@ def load_teacher(spec: str | Path, device="cpu", *, resolution=None, dtype=None)
         return load_denoiser(path, device)
     path = Path(spec_s)
     if path.is_dir() and (path / CONFIG).is_file():
-        return load_denoiser(path, device)
+        return load_denoiser(path, device, dtype=dtype)
     raise FewstepError(f"unknown teacher {spec_s!r}; built-in: {', '.join(BUILTIN_TEACHERS)}; diffusers: "
                        f"{', '.join(DIFFUSERS_ALIASES)}, a hub id (org/name) or a folder with model_index.json; "
                        f"or a directory with {CONFIG} and {WEIGHTS}")
@@ -65,18 +65,50 @@ def is_run_dir(path: str | Path) -> bool:
     return path.is_dir() and not (path / CONFIG).is_file() and (path / RUN_CONFIG).is_file()
 
 
-def load_model(spec: str | Path, device="cpu", **teacher_options) -> Denoiser:
+def is_diffusers_model(spec: str | Path) -> bool:
+    """Whether `spec` names a diffusers pipeline (alias, hub id, pipeline folder) or a model made from one (a student
+    directory or a run whose student is one), without loading it."""
+    import json
+
+    from fewstep.teachers.diffusers import diffusers_source
+
+    path = Path(str(spec))
+    if is_run_dir(path):
+        path = path / RUN_STUDENT
+    if path.is_dir() and (path / CONFIG).is_file():
+        try:
+            return json.loads((path / CONFIG).read_text()).get("network", {}).get("type") == "diffusers"
+        except (OSError, ValueError, AttributeError):
+            return False
+    name = canonical_teacher_name(str(spec))
+    return name not in BUILTIN_TEACHERS and diffusers_source(str(spec)) is not None
+
+
+def load_model(spec: str | Path, device="cpu", *, dtype=None, **teacher_options) -> Denoiser:
     """A Denoiser from a built-in teacher name, a model directory (config.json + model.safetensors), a
-    diffusers pipeline (alias, hub id or folder; `teacher_options`: resolution, dtype), or a distillation
-    run directory (its student: the EMA weights when the run kept an EMA)."""
+    diffusers pipeline (alias, hub id or folder; `teacher_options`: resolution), or a distillation run directory
+    (its student: the EMA weights when the run kept an EMA).
+
+    `device`: a torch device or cpu | cuda | cuda:N | auto (`fewstep.devices.resolve_device`). `dtype`: None keeps
+    the weights as stored (float32 for most); auto | fp32 | bf16 | fp16 or a torch dtype casts them
+    (`fewstep.devices.resolve_dtype`: auto is bf16 for diffusers models on CUDA); diffusers pipelines are loaded
+    straight in that dtype."""
+    from fewstep.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    if dtype is not None:
+        dtype = resolve_dtype(dtype, device, diffusers=is_diffusers_model(spec))
     path = Path(str(spec))
     if is_run_dir(path):
         student = path / RUN_STUDENT
         if not (student / CONFIG).is_file():
             raise FewstepError(f"run {str(path)!r} has no finished student yet (student/ is missing); "
                                f"continue it with `fewstep distill --resume --out {path}`")
-        return load_teacher(student, device)
-    return load_teacher(spec, device, **teacher_options)
+        spec = student
+    den = load_teacher(spec, device, dtype=dtype, **teacher_options)
+    if dtype is not None:
+        den.to(dtype)  # built-in networks (diffusers pipelines were loaded in it)
+    return den
 
 
 def data_kind(denoiser) -> str:
@@ -88,4 +120,5 @@ def data_kind(denoiser) -> str:
     return "2d" if shape is not None and len(shape) == 1 else "image"
 
 
-__all__ = ["BUILTIN_TEACHERS", "data_kind", "is_run_dir", "load_model", "load_teacher", "teacher_path"]
+__all__ = ["BUILTIN_TEACHERS", "data_kind", "is_diffusers_model", "is_run_dir", "load_model", "load_teacher",
+           "teacher_path"]

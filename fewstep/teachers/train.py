@@ -42,12 +42,15 @@ def _check_out(out: Path) -> None:
                            "(nothing is overwritten)")
 
 
-def _command_line(data, out, iters, batch_size, lr, seed, resolution, prefix=("fewstep", "teacher", "train")) -> str:
-    """The command line that reproduces a run (every default made explicit)."""
+def _command_line(data, out, iters, batch_size, lr, seed, resolution, prefix=("fewstep", "teacher", "train"),
+                  dtype: str = "fp32") -> str:
+    """The command line that reproduces a run (every default made explicit; the device is recorded apart)."""
     parts = [*prefix, "--data", data, "--out", str(out), "--iters", str(iters),
              "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(seed)]
     if resolution:
         parts += ["--resolution", str(resolution)]
+    if dtype != "fp32":
+        parts += ["--dtype", dtype]
     return shlex.join(parts)
 
 
@@ -82,12 +85,20 @@ def train_teacher(
     progress=None,
     resolution: int | None = None,
     network: dict | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
 ) -> dict:
     """Train a flow-matching teacher on `data` and save it (EMA weights) to the new directory `out`.
 
     None arguments take per-data defaults (see DEFAULTS). `progress(step, total, loss)` is called
-    every iteration. Returns a JSON-able summary.
+    every iteration. Returns a JSON-able summary. `device`: auto | cpu | cuda | cuda:N; `dtype`: the precision
+    of the forward pass, auto | fp32 | bf16 | fp16 (autocast; the weights, their EMA and the saved teacher stay
+    float32; fp16 scales the loss). Batches, times and noise are drawn on the CPU from the seed, so a run on
+    another device sees the same data.
     """
+    import contextlib
+
+    from fewstep.devices import dtype_name, resolve_device, resolve_dtype
     out = Path(out)
     _check_out(out)
     for name, v in (("--iters", iters), ("--batch-size", batch_size)):
@@ -110,12 +121,18 @@ def train_teacher(
             net_cfg["mults"] = image_mults(source.shape[1], source.shape[2])
     net_cfg["num_classes"] = source.num_classes
 
+    dev = resolve_device(device)
+    half = resolve_dtype(dtype, dev, diffusers=False)
+    precision = dtype_name(half)
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     process = RectifiedFlow()
-    net = build_network(net_cfg)
+    net = build_network(net_cfg).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    autocast = (torch.autocast(dev.type, dtype=half) if half != torch.float32 else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(dev.type) if half == torch.float16 else None
     nparams = sum(p.numel() for p in net.parameters())
 
     t0 = time.perf_counter()
@@ -130,13 +147,24 @@ def train_teacher(
         t = sample_timesteps(batch_size, process, d["t_sampler"], generator=gen).float()
         eps = torch.randn(x0.shape, generator=gen)
         x_t = process.add_noise(x0, eps, t)
-        loss = (net(x_t, t, labels) - (eps - x0)).pow(2).mean()
+        x_t, t, target = x_t.to(dev), t.to(dev), (eps - x0).to(dev)
+        labels = labels.to(dev) if labels is not None else None
+        with autocast:
+            pred = net(x_t, t, labels)
+        loss = (pred.float() - target).pow(2).mean()
         if not torch.isfinite(loss):
             raise FewstepError(f"teacher training diverged at iteration {step} (loss {loss.item()}); try a lower --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
             for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
@@ -148,18 +176,18 @@ def train_teacher(
 
     summary = {"data": data, "iters": iters, "batch_size": batch_size, "lr": lr, "seed": seed,
                "final_loss": round(float(loss_avg), 5), "seconds": round(seconds, 1), "params": nparams,
-               "out": str(out)}
+               "device": str(dev), "dtype": precision, "out": str(out)}
     meta = {
         "data": data,
         "kind": source.kind,
         "default_steps": 50,
         "default_solver": "heun",
-        "train_command": _command_line(data, out, iters, batch_size, lr, seed, resolution),
+        "train_command": _command_line(data, out, iters, batch_size, lr, seed, resolution, dtype=precision),
         "train_command_python": _command_line(data, out, iters, batch_size, lr, seed, resolution,
-                                              (".venv/bin/python", "-m", "fewstep.teachers.train")),
+                                              (".venv/bin/python", "-m", "fewstep.teachers.train"), dtype=precision),
         "trained_with": {k: v for k, v in summary.items() if k != "out"},
     }
-    den = Denoiser(ema, process, "flow", cond_kind="class" if source.num_classes else "none",
+    den = Denoiser(ema.cpu(), process, "flow", cond_kind="class" if source.num_classes else "none",
                    num_classes=source.num_classes, data_shape=source.shape, meta=meta)
     save_denoiser(den, out)
     return summary
@@ -174,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resolution", type=int)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
     a = ap.parse_args(argv)
     every = max(1, (a.iters or 1000) // 20)
 
@@ -182,7 +212,7 @@ def main(argv=None):
             print(f"{step}/{total} loss {loss:.4f}", flush=True)
 
     res = train_teacher(a.data, a.out, iters=a.iters, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                        resolution=a.resolution, progress=progress)
+                        resolution=a.resolution, progress=progress, device=a.device, dtype=a.dtype)
     print(json.dumps(res))
 
 

@@ -68,7 +68,8 @@ def test_fid_of_a_model_streams_the_same_samples(work, inception_pth):
     assert np.isfinite(res["kid"])
     assert res["n_samples"] == NUM and res["n_ref"] == NUM and res["seed"] == SEED
     assert res["samples"] == {"kind": "model", "model": "digits", "num": NUM, "steps": STEPS, "solver": "heun",
-                              "spacing": "uniform", "renoise": "fresh", "seed": SEED, "guidance": 1.0}
+                              "spacing": "uniform", "renoise": "fresh", "seed": SEED, "guidance": 1.0,
+                              "device": "cpu", "dtype": "fp32"}
     assert res["ref"]["kind"] == "stats" and res["ref"]["path"] == str(work["stats"])
     proto = res["protocol"]
     assert proto["weights_sha256"] == file_sha256(inception_pth) and proto["resize"] == "clean"
