@@ -1,0 +1,218 @@
+"""--device / --dtype for every command that runs a network, and the fast-inference options of `fewstep sample`
+(compile, CUDA graphs through GraphedNet, channels_last, prompt cache, VAE decode per batch), on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import assert_one_line_error, cli_run, ok_json
+
+import fewstep
+from fewstep.devices import resolve_device, resolve_dtype
+from fewstep.errors import FewstepError
+from fewstep.sampling import generate
+from fewstep.sampling.fast import GraphedNet, eager_capture, prepare_inference
+from fewstep.teachers import BUILTIN_TEACHERS, load_model
+
+
+# -- resolving the flags -------------------------------------------------------------------------------------
+def test_device_and_dtype_resolution():
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")  # no CUDA here
+    assert resolve_device("CPU") == torch.device("cpu")
+    for bad, needle in (("tpu", "unknown --device"), ("cuda:x", "unknown --device"), ("cuda", "not available"),
+                        ("cuda:3", "not available")):
+        with pytest.raises(FewstepError, match=needle):
+            resolve_device(bad)
+    cuda = torch.device("cuda", 0)  # resolve_dtype only reads the device type
+    assert resolve_dtype("auto", cuda, diffusers=True) is torch.bfloat16
+    assert resolve_dtype("auto", cuda, diffusers=False) is torch.float32
+    assert resolve_dtype("auto", torch.device("cpu"), diffusers=True) is torch.float32
+    assert resolve_dtype("fp16", torch.device("cpu"), diffusers=False) is torch.float16
+    assert resolve_dtype(torch.bfloat16, torch.device("cpu"), diffusers=False) is torch.bfloat16
+    with pytest.raises(FewstepError, match="unknown --dtype 'fp64'"):
+        resolve_dtype("fp64", torch.device("cpu"), diffusers=False)
+
+
+def test_auto_picks_cuda_when_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(FewstepError, match="2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+@pytest.fixture
+def recorded_loads(monkeypatch):
+    """fewstep.teachers.load_model records the device and dtype every command asks for (and loads on the CPU)."""
+    import fewstep.api
+    import fewstep.eval.sources
+
+    calls = []
+
+    def fake(spec, device="cpu", *, dtype=None, **kw):
+        calls.append((str(spec), resolve_device(device), dtype))
+        return load_model(spec, "cpu", dtype=dtype, **kw)
+
+    monkeypatch.setattr(fewstep.api, "load_model", fake)
+    monkeypatch.setattr(fewstep.eval.sources, "load_model", fake)
+    return calls
+
+
+def test_flags_reach_the_model_loader(tmp_path, recorded_loads, monkeypatch):
+    ok_json(cli_run("sample", "--teacher", "toy:moons", "--num", "8", "--steps", "2", "--device", "cpu",
+                    "--dtype", "bf16", "--json"))
+    ok_json(cli_run("pairs", "--teacher", "toy:moons", "--num", "8", "--steps", "2", "--out", tmp_path / "p",
+                    "--dtype", "fp16", "--json"))
+    assert recorded_loads == [("toy:moons", torch.device("cpu"), "bf16"), ("toy:moons", torch.device("cpu"), "fp16")]
+    # auto means CUDA when there is one (the fake loader still loads on the CPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ok_json(cli_run("sample", "--teacher", "toy:moons", "--num", "4", "--steps", "1", "--json"))
+    assert recorded_loads[-1] == ("toy:moons", torch.device("cuda", 0), "auto")
+
+
+def test_eval_fid_model_source_takes_device_and_dtype(tmp_path):
+    from fewstep.eval.sources import open_samples
+
+    src = open_samples("digits", num=4, steps=1, batch_size=4, device="cpu", dtype="bf16")
+    assert src.describe()["device"] == "cpu" and src.describe()["dtype"] == "bf16"
+    batch = next(iter(src.batches()))
+    assert batch.dtype == torch.float32 and batch.shape == (4, 1, 8, 8) and torch.isfinite(batch).all()
+    with pytest.raises(FewstepError, match="unknown --dtype"):
+        open_samples("digits", num=4, dtype="int8")
+
+
+def test_teacher_train_on_a_device_in_a_precision(tmp_path):
+    res = fewstep.train_teacher("toy:moons", tmp_path / "t", iters=4, batch_size=16, device="cpu", dtype="bf16")
+    assert res["device"] == "cpu" and res["dtype"] == "bf16"
+    den = load_model(tmp_path / "t")
+    assert next(den.parameters()).dtype == torch.float32  # autocast: the weights stay fp32
+    assert "--dtype bf16" in den.meta["train_command"]
+    res16 = fewstep.train_teacher("toy:moons", tmp_path / "t16", iters=4, batch_size=16, device="cpu", dtype="fp16")
+    assert res16["dtype"] == "fp16" and res16["final_loss"] == res16["final_loss"]  # finite, with loss scaling
+    r = cli_run("teacher", "train", "--data", "toy:moons", "--out", tmp_path / "bad", "--device", "cuda")
+    assert_one_line_error(r, "--device cuda", "not available")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_one_line_errors_for_bad_flags():
+    assert_one_line_error(cli_run("sample", "--teacher", "digits", "--num", "2", "--dtype", "fp64"), "fp64")
+    assert_one_line_error(cli_run("sample", "--teacher", "digits", "--num", "2", "--device", "gpu"), "'gpu'")
+    assert_one_line_error(cli_run("sample", "--teacher", "digits", "--num", "2", "--cuda-graphs"),
+                          "--cuda-graphs", "CUDA")
+    assert_one_line_error(cli_run("sample", "--teacher", "digits", "--num", "2", "--vae-tiling"), "--vae-tiling")
+
+
+# -- the same samples whatever the batch, and in bf16 --------------------------------------------------------
+def test_sample_i_does_not_depend_on_the_batch_size():
+    for spec in ("digits", "toy:checkerboard"):
+        den = load_model(spec)
+        one = fewstep.sample(den, num=7, steps=2, batch_size=1)["_samples"]
+        seven = fewstep.sample(den, num=7, steps=2, batch_size=7)["_samples"]
+        torch.testing.assert_close(one, seven, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", BUILTIN_TEACHERS)
+def test_bf16_on_the_cpu_for_every_builtin_teacher(spec):
+    ref = fewstep.sample(spec, num=64, steps=4, dtype="fp32")
+    res = fewstep.sample(spec, num=64, steps=4, dtype="bf16")
+    assert res["dtype"] == "bf16" and res["device"] == "cpu" and ref["dtype"] == "fp32"
+    got, want = res["_samples"], ref["_samples"]
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # bf16 keeps ~3 significant digits: the samples move by a small fraction of their spread
+    assert float((got - want).abs().mean()) < 0.1 * float(want.std())
+
+
+def test_a_loaded_model_stays_where_it_is_unless_asked():
+    den = load_model("digits")
+    fewstep.sample(den, num=2, steps=1)
+    assert next(den.parameters()).dtype == torch.float32
+    res = fewstep.sample(den, num=2, steps=1, dtype="bf16")
+    assert res["dtype"] == "bf16" and next(den.parameters()).dtype == torch.bfloat16
+
+
+# -- fast inference ------------------------------------------------------------------------------------------
+def test_compile_on_the_cpu_matches_eager():
+    eager = fewstep.sample("toy:checkerboard", num=32, steps=2)
+    compiled = fewstep.sample("toy:checkerboard", num=32, steps=2, compile=True)
+    assert compiled["fast"] == {"compile": ["network"]}
+    torch.testing.assert_close(compiled["_samples"], eager["_samples"], rtol=1e-4, atol=1e-4)
+
+
+def test_graphed_net_replays_one_capture_per_input_signature():
+    """GraphedNet with the eager stand-in for a CUDA graph: a replay must see each call's own inputs (copied into
+    the static buffers) and give what the plain network gives."""
+    den = load_model("digits")
+    plain, _ = generate(den, 7, steps=3, solver="heun", batch_size=4)
+    den.net = GraphedNet(den.net, eager_capture)
+    graphed, _ = generate(den, 7, steps=3, solver="heun", batch_size=4)
+    torch.testing.assert_close(graphed, plain, rtol=1e-6, atol=1e-6)
+    # batches of 4 and 3: two signatures; Heun, 3 steps: 5 calls per batch, the first of each a capture
+    assert len(den.net._graphs) == 2 and den.net.replays == 10
+    # what the wrapped network has, the wrapper answers (its config, its plain attributes)
+    assert den.net.config() == den.net.inner.config()
+    name = next(iter(den.net.inner._modules))
+    assert getattr(den.net, name) is getattr(den.net.inner, name)
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    t = torch.full((2,), 0.5)
+    out = den.net(x, t, torch.tensor([1, 2]))  # gradients: eager, differentiable
+    out.sum().backward()
+    assert x.grad is not None and den.net.eager_calls == 1
+    tangent = torch.func.jvp(lambda a: den.net(a, t, torch.tensor([1, 2])), (x.detach(),), (torch.ones_like(x),))[1]
+    assert den.net.eager_calls == 2 and tangent.abs().sum() > 0
+
+
+def test_channels_last_keeps_the_samples():
+    ref = fewstep.sample("digits", num=8, steps=2)["_samples"]
+    den = load_model("digits")
+    res = fewstep.sample(den, num=8, steps=2, channels_last=True)
+    assert res["fast"] == {"channels_last": ["network"]}
+    conv = next(m for m in den.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(res["_samples"], ref, rtol=1e-4, atol=1e-4)
+    assert prepare_inference(den, channels_last=True) == {"channels_last": ["network"]}  # applied once
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from fewstep.teachers.random_pipelines import save_random_pipeline
+
+    return save_random_pipeline("sdxl", tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+def test_text_to_image_batches_prompt_cache_and_vae_options(tiny_sdxl, monkeypatch):
+    den = load_model(tiny_sdxl)
+    parts = den.components
+    prompts = ["a red cube", "two cats", "a red cube"]
+    encoded = []
+    real_encode = parts._encode
+    monkeypatch.setattr(parts, "_encode", lambda batch: encoded.append(list(batch)) or real_encode(batch))
+    decoded = []
+    real_decode = parts.decode
+    monkeypatch.setattr(parts, "decode", lambda z, batch_size=8: decoded.append(len(z)) or real_decode(z, batch_size))
+    one = fewstep.sample(den, num=7, steps=2, batch_size=1, prompts=prompts)
+    assert encoded == [["a red cube", "two cats"]]  # each unique prompt once
+    assert decoded == [1] * 7  # the VAE decodes each sampling batch as it is made
+    seven = fewstep.sample(den, num=7, steps=2, batch_size=7, prompts=prompts)
+    assert encoded == [["a red cube", "two cats"]] and decoded[-1] == 7  # the second call reads the cache
+    torch.testing.assert_close(one["_samples"], seven["_samples"], rtol=1e-5, atol=1e-5)
+    assert one["_samples"].shape == (7, 3, 16, 16) and one["dtype"] == "fp32" and one["device"] == "cpu"
+    fast = fewstep.sample(den, num=3, steps=2, batch_size=3, prompts=prompts, channels_last=True, vae_tiling=True)
+    assert fast["fast"] == {"channels_last": ["network", "vae"], "vae_tiling": True} and parts.vae.use_tiling
+    torch.testing.assert_close(fast["_samples"], one["_samples"][:3], rtol=1e-4, atol=1e-4)
+
+
+def test_text_to_image_in_bf16_on_the_cpu(tiny_sdxl):
+    ref = fewstep.sample(str(tiny_sdxl), num=2, steps=2, prompt="a red cube")
+    res = fewstep.sample(str(tiny_sdxl), num=2, steps=2, prompt="a red cube", dtype="bf16")
+    assert res["dtype"] == "bf16" and torch.isfinite(res["_samples"]).all()
+    assert float((res["_samples"] - ref["_samples"]).abs().max()) < 0.1
+
+
+def test_the_null_condition_follows_the_denoiser(tiny_sdxl):
+    den = load_model(tiny_sdxl)
+    den.to(torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for k, v in den._null_cond.items() if v.is_floating_point())
