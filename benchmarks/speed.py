@@ -10,7 +10,8 @@ Prints a table and writes JSON. Run from the repository root:
     The limit is 1.0.
 (b) trainer: one training iteration (every phase, optimizer steps, EMAs) divided by the sum of the
     network calls it makes, each replayed alone (forward under no_grad for frozen calls, forward +
-    backward for trained ones). The limit is about 1.0 (the optimizer and the loss arithmetic are the rest).
+    backward for trained ones; `benchmarks/call_replay.py`, shared with `diffusers_train.py --breakdown`).
+    The limit is about 1.0 (the optimizer and the loss arithmetic are the rest).
 (c) pairs: teacher (noise, sample) pairs per second written to disk by `fewstep pairs` (generate_pairs: seeded
     noise, the Heun solver, one safetensors shard) against the bare cost of the solver's network calls
     (2 * steps - 1 forwards per pair for Heun, each timed alone at the same batch). The limit is 1.0.
@@ -22,26 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from fewstep.api import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from call_replay import median_time as _median_time  # noqa: E402  (benchmarks/call_replay.py)
+from call_replay import trainer_breakdown  # noqa: E402
+
+from fewstep.api import load_model  # noqa: E402
 from fewstep.methods import available_methods
-
-
-def _median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def engine_overhead(spec: str, batch: int, repeats: int) -> dict:
@@ -65,32 +58,10 @@ def engine_overhead(spec: str, batch: int, repeats: int) -> dict:
             "ratio": te / tb}
 
 
-class _Recorder:
-    """Forward hooks on every role's network: what each training step calls, with which inputs."""
-
-    def __init__(self, roles):
-        self.calls, self.handles, self.on = [], [], False
-        for name, role in roles.items():
-            net = role.module.net
-            self.handles.append(net.register_forward_hook(self._hook(name, net, role.trainable), with_kwargs=True))
-
-    def _hook(self, name, net, trainable):
-        def hook(module, args, kwargs, output):
-            if self.on:
-                det = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
-                kw = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-                self.calls.append((name, net, det, kw, torch.is_grad_enabled() and trainable))
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def trainer_overhead(method: str, teacher: str, batch: int, repeats: int) -> dict:
     """`method` is METHOD or METHOD:KEY=VALUE,KEY=VALUE (method options, e.g. fewer reflow pairs to make first)."""
     from fewstep.training.config import parse_option
-    from fewstep.training.run import prepare_run, write_config
+    from fewstep.training.run import plan_run
     from fewstep.training.trainer import Trainer
 
     label = method
@@ -98,42 +69,13 @@ def trainer_overhead(method: str, teacher: str, batch: int, repeats: int) -> dic
     options = dict(parse_option(o) for o in rest.split(",") if o.strip())
     with tempfile.TemporaryDirectory() as tmp:
         values = {"method": method, "teacher": teacher, "batch_size": batch, "out": str(Path(tmp) / "run"),
-                  "iters": 10_000, "eval": False, "sample_every": 0, "checkpoint_every": 0, "log_every": 0,
+                  "iters": 100_000, "eval": False, "sample_every": 0, "checkpoint_every": 0, "log_every": 0,
                   "warmup": 0, "options": options}
-        cfg = prepare_run(values, explicit=set(values))
-        write_config(cfg)
-        tr = Trainer(cfg)
-        rec = _Recorder(tr.roles)
-
-        def step():
-            tr.cfg.stop_after = 1
-            tr.train()
-
-        t_step = _median_time(step, repeats)
-        rec.on = True
-        step()
-        rec.on = False
-        rec.remove()
-        calls = list(rec.calls)
-
-        def replay_all():
-            for _, net, args, kw, trained in calls:
-                if trained:
-                    args2 = tuple(a.requires_grad_(False) if isinstance(a, torch.Tensor) else a for a in args)
-                    out = net(*args2, **kw)
-                    out.float().sum().backward()
-                else:
-                    with torch.no_grad():
-                        net(*args, **kw)
-
-        t_calls = _median_time(replay_all, repeats)
-        for role in tr.roles.values():
-            role.module.zero_grad(set_to_none=True)
-    per_role: dict[str, int] = {}
-    for name, *_ in calls:
-        per_role[name] = per_role.get(name, 0) + 1
-    return {"method": label, "teacher": teacher, "batch": batch, "step_ms": t_step * 1e3,
-            "network_calls_ms": t_calls * 1e3, "calls": per_role, "ratio": t_step / t_calls}
+        plan = plan_run(values, explicit=set(values))
+        tr = Trainer(plan.config, teacher=plan.teacher, method=plan.method, reloadable_teacher=True)
+        res = trainer_breakdown(tr, repeats=repeats, warmup=2)
+    return {"method": label, "teacher": teacher, "batch": batch, "step_ms": res["step_ms"],
+            "network_calls_ms": res["network_calls_ms"], "calls": res["calls"], "ratio": res["ratio"]}
 
 
 def pair_throughput(spec: str, batch: int, steps: int, repeats: int) -> dict:

@@ -209,7 +209,11 @@ def restore_training_state(trainer, path: Path | None) -> None:
     if trainer.ema is not None:
         trainer.ema.load_state_dict(part("ema.student."))
     for name, opt in trainer.opts.items():
-        opt.load_state_dict(unflatten_optimizer(f"opt.{name}", tensors, meta["optimizers"][name]))
+        state = unflatten_optimizer(f"opt.{name}", tensors, meta["optimizers"][name])
+        for saved, own in zip(state["param_groups"], opt.param_groups, strict=False):
+            # the update kernel is this device's (fused on CUDA, foreach on the CPU), not the checkpoint's
+            saved.update({k: own[k] for k in ("fused", "foreach") if k in own})
+        opt.load_state_dict(state)
     trainer.gen.set_state(tensors["rng.generator"][trainer.rank].clone())
     torch.set_rng_state(tensors["rng.torch"][trainer.rank].clone())
     if "rng.cuda" in tensors and trainer.device.type == "cuda":

@@ -21,7 +21,18 @@ def make_optimizer(kind: str, params, *, lr: float, betas=(0.9, 0.999), weight_d
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if kind != "adamw":
         raise FewstepError(f"unknown --optimizer {kind!r}; allowed: adamw, adamw8bit")
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
+    params = list(params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **adamw_kernel(params))
+
+
+def adamw_kernel(params) -> dict:
+    """How AdamW updates `params`: one fused CUDA kernel (``fused=True``) when they are all floating-point tensors on
+    CUDA, else torch's multi-tensor (foreach) path, which is what the CPU runs (and what keeps CPU runs bit for bit
+    as before)."""
+    params = [p for p in params if isinstance(p, torch.Tensor)]
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True, "foreach": None}
+    return {"foreach": True, "fused": None}
 
 
 def lr_factor(it: int, *, warmup: int, schedule: str, iters: int) -> float:

@@ -26,7 +26,7 @@ from fewstep.teachers import load_model
 from fewstep.training import checkpoint as ckpt
 from fewstep.training.accelerator import make_accelerator
 from fewstep.training.config import DistillConfig, student_options, teacher_options
-from fewstep.training.ema import ema_decay_at, ema_update
+from fewstep.training.ema import ema_decay_at, ema_pairs, ema_update
 from fewstep.training.optim import lr_factor, make_optimizer
 from fewstep.training.report import save_sample_grid
 from fewstep.training.run import SAMPLES, append_log, truncate_log
@@ -101,6 +101,7 @@ class Trainer:
         self.iteration = 0
         self.saved_iteration = -1  # the iteration of the last checkpoint this process took part in
         self.loss_avg: dict[str, float] = {}
+        self._ema_cache: dict[str, tuple] = {}  # see _ema_pairs
         self.elapsed = 0.0
         self._saved_method_state = self.method.state_dict()
         if resume:
@@ -183,11 +184,17 @@ class Trainer:
             world=self.world, sampling_model=self.sampling_model, barrier=self.accelerator.wait_for_everyone,
             log=self._log, status=self.status or (lambda text: None)))
 
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        ok = torch.tensor([1.0 if bool(torch.isfinite(value.detach()).all()) else 0.0], device=self.device)
+    def _host_values(self, checked: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[bool, list[float]]:
+        """(whether every tensor in `checked` is finite on every rank, the scalars `values` as Python floats), read
+        back from the device in one transfer: the only host sync of a phase. Floats are exactly float(v)."""
+        dev = self.device
+        bad = torch.stack([(~torch.isfinite(v.detach()).all()).to(dev) for v in checked]).sum()
+        bad = bad.reshape(1).to(torch.float64)
         if self.world > 1:
-            ok = self.accelerator.reduce(ok, reduction="sum") / self.world
-        return bool(ok.item() == 1.0)
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        vals = [v.detach().reshape(()).to(dev, torch.float64) for v in values]
+        host = torch.cat([bad, torch.stack(vals)] if vals else [bad]).tolist()
+        return host[0] == 0.0, host[1:]
 
     def _diverged(self, phase: str, losses: dict, it: int):
         last = ckpt.latest_checkpoint(self.out)
@@ -198,11 +205,14 @@ class Trainer:
                                f"{where} (resume with --resume --out {self.out} after lowering --lr or --grad-clip)")
 
     def _phase_step(self, phase, it: int) -> dict[str, float]:
+        """One phase: its micro-steps' losses and backward passes, the gradient norms, then (all finite) the
+        optimizer steps and EMA updates. The losses and norms reach the host once, after the backward passes and
+        before any optimizer step (a non-finite loss makes non-finite gradients, which never reach a step)."""
         acc, cfg = self.accelerator, self.cfg
         for opt in self.opts.values():  # grads a phase leaves on networks it does not train are dropped
             opt.zero_grad(set_to_none=True)
         self._set_phase_grads(phase)
-        totals: dict[str, float] = {}
+        micro_losses: list[dict[str, torch.Tensor]] = []
         # networks the phase trains are called through their DDP wrappers; the others directly (a DDP
         # module whose forward ran but that gets no backward would fail the next reduction)
         nets = {name: (self.nets[name] if name in phase.trains else role.module) for name, role in self.roles.items()}
@@ -215,25 +225,42 @@ class Trainer:
                         stack.enter_context(acc.no_sync(self.nets[r]))
                 with acc.autocast():
                     losses = self.method.loss(phase.name, self._batch(), nets, ctx)
-                loss = losses["loss"]
-                if not self._all_finite(loss):
-                    self._diverged(phase.name, losses, it)
-                acc.backward(loss / cfg.grad_accum)
-            for k, v in losses.items():
-                totals[f"{phase.name}/{k}"] = totals.get(f"{phase.name}/{k}", 0.0) + float(v.detach()) / cfg.grad_accum
+                acc.backward(losses["loss"] / cfg.grad_accum)
+            micro_losses.append({k: v.detach() for k, v in losses.items()})
         norms = {}
         for r in phase.trains:  # the norm is checked even without clipping: inf/nan gradients never reach a step
             norms[r] = acc.clip_grad_norm_(self.nets[r].parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not all(self._all_finite(torch.as_tensor(n)) for n in norms.values()):
-            self._diverged(phase.name, {f"grad_norm_{r}": torch.as_tensor(n) for r, n in norms.items()}, it)
+        norms = {r: torch.as_tensor(n) for r, n in norms.items()}
+        ok, host = self._host_values([m["loss"] for m in micro_losses] + list(norms.values()),
+                                     [v for m in micro_losses for v in m.values()] + list(norms.values()))
+        if not ok:
+            # the first micro-step whose loss is not finite, else the gradient norms (what the check used to stop on)
+            bad = next((m for m in micro_losses if not bool(torch.isfinite(m["loss"]).all())), None)
+            if bad is not None:
+                self._diverged(phase.name, bad, it)
+            self._diverged(phase.name, {f"grad_norm_{r}": n for r, n in norms.items()}, it)
+        values = iter(host)
+        totals: dict[str, float] = {}
+        for m in micro_losses:
+            for k in m:
+                totals[f"{phase.name}/{k}"] = totals.get(f"{phase.name}/{k}", 0.0) + next(values) / cfg.grad_accum
         for r in phase.trains:
             self.opts[r].step()
             self.opts[r].zero_grad(set_to_none=True)
-            totals[f"{phase.name}/grad_norm_{r}"] = float(norms[r])
-        for role in self.roles.values():
+            totals[f"{phase.name}/grad_norm_{r}"] = next(values)
+        for name, role in self.roles.items():
             if role.ema_of in phase.trains:
-                ema_update(role.module, self.roles[role.ema_of].module, role.ema_decay)
+                ema_update(role.module, self.roles[role.ema_of].module, role.ema_decay, pairs=self._ema_pairs(name))
         return totals
+
+    def _ema_pairs(self, name: str):
+        """The (EMA, model) parameter and buffer lists of an EMA (a role's name, or "ema" for the student's), built
+        once per `train` call (see `ema_pairs`) instead of walking both module trees every update."""
+        if name not in self._ema_cache:
+            ema, model = ((self.ema, self.student) if name == "ema" else
+                          (self.roles[name].module, self.roles[self.roles[name].ema_of].module))
+            self._ema_cache[name] = ema_pairs(ema, model)
+        return self._ema_cache[name]
 
     @contextlib.contextmanager
     def _stop_on_signal(self):
@@ -262,9 +289,10 @@ class Trainer:
                 signal.signal(sig, h)
 
     def _should_stop(self) -> bool:
+        if self.world == 1:  # no device round trip for a single process
+            return self._stop_requested
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
-        if self.world > 1:  # every rank stops after the same iteration
-            flag = self.accelerator.reduce(flag, reduction="sum")
+        flag = self.accelerator.reduce(flag, reduction="sum")  # every rank stops after the same iteration
         return bool(flag.item() > 0)
 
     def train(self) -> dict:
@@ -289,6 +317,7 @@ class Trainer:
 
     def _train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
+        self._ema_cache: dict[str, tuple] = {}
         self._prepare_source()
         total = int(cfg.iters)
         stop_at = total if cfg.stop_after is None else min(total, self.iteration + cfg.stop_after)
@@ -307,7 +336,8 @@ class Trainer:
                 if it % phase.every == 0:
                     step_losses.update(self._phase_step(phase, it))
             if self.ema is not None:
-                ema_update(self.ema, self.student, ema_decay_at(cfg.ema, it + 1, cfg.ema_decay, cfg.ema_gamma))
+                ema_update(self.ema, self.student, ema_decay_at(cfg.ema, it + 1, cfg.ema_decay, cfg.ema_gamma),
+                           pairs=self._ema_pairs("ema"))
             for k, v in step_losses.items():
                 self.loss_avg[k] = v if k not in self.loss_avg else 0.9 * self.loss_avg[k] + 0.1 * v
             self.iteration = it + 1
