@@ -43,6 +43,7 @@ def sample(
     cuda_graphs: bool = False,
     channels_last: bool = False,
     vae_tiling: bool = False,
+    decode_batch_size: int | None = None,
 ) -> dict:
     """Generate `num` samples from a teacher or student and optionally write them to `out`.
 
@@ -50,7 +51,9 @@ def sample(
     where it is unless `device`/`dtype` are given, and the fast-inference options stay applied to it, so repeated
     calls pay for compilation and graph capture once). `device`: auto | cpu | cuda | cuda:N (auto: CUDA when
     available); `dtype`: auto | fp32 | bf16 | fp16 (auto: bf16 for diffusers models on CUDA, fp32 otherwise).
-    `compile`, `cuda_graphs`, `channels_last`, `vae_tiling`: fast inference (`fewstep.sampling.fast`).
+    `compile`, `cuda_graphs`, `channels_last`, `vae_tiling`: fast inference (`fewstep.sampling.fast`). Latent
+    models decode each sampling batch as it is made, `decode_batch_size` images per VAE call (default: the whole
+    batch, as the stock pipelines do; lower it, or tile, when the decode runs out of memory).
 
     Sample i uses per-sample seed i of `seed`, so results do not depend on the batch size.
     Settings left as None come from the model (`fewstep.sampling.sampler_settings`): its default solver,
@@ -67,6 +70,7 @@ def sample(
     _check_positive("--num", num)
     _check_positive("--steps", steps)
     _check_positive("--batch-size", batch_size)
+    _check_positive("--decode-batch-size", decode_batch_size)
     if guidance is not None and guidance < 0:
         raise FewstepError(f"--guidance must be >= 0, got {guidance}")
     if solver is not None:
@@ -112,7 +116,7 @@ def sample(
         parts = den.components
 
         def decode(latents):  # each batch as it is made, on the model's device
-            return parts.decode(latents, batch_size=min(len(latents), 8))
+            return parts.decode(latents, batch_size=decode_batch_size or len(latents))
 
     samples, used_labels = generate(den, num, timesteps=settings.timesteps, solver=solver, seed=seed,
                                     batch_size=batch_size, labels=labels, guidance=guidance, progress=progress,

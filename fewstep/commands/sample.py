@@ -45,6 +45,8 @@ def sample(
                                        "layout (UNets and the VAE)."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode latents tile by tile (large images on "
                                     "little memory)."),
+    decode_batch_size: int | None = typer.Option(None, "--decode-batch-size", help="Latent models: images per VAE "
+                                                 "decode call (default: the whole sampling batch)."),
     as_json: bool = JSON_OPT,
 ):
     """Draw samples from a teacher or student with the shared sampler engine."""
@@ -55,5 +57,5 @@ def sample(
                             guidance=guidance, label=label, batch_size=batch_size, out=out, progress=bar.advance,
                             renoise=renoise, prompt=prompt, prompts=prompts, device=device, dtype=dtype,
                             compile=compile, cuda_graphs=cuda_graphs, channels_last=channels_last,
-                            vae_tiling=vae_tiling)
+                            vae_tiling=vae_tiling, decode_batch_size=decode_batch_size)
     emit(result, as_json, "fewstep sample")

@@ -13,6 +13,10 @@ costs start-up time (compilation, graph capture):
   JVPs) run eagerly. CUDA only.
 - ``vae_tiling``: diffusers' tiled VAE decode, for images too large to decode at once.
 
+On CUDA, any of compile, CUDA graphs or channels_last also turns on cuDNN's autotuner
+(`torch.backends.cudnn.benchmark`, process-wide): fixed-shape few-step sampling then runs the fastest convolution
+algorithm for its shapes, chosen on the first call.
+
 `prepare_inference(denoiser, ...)` applies them in place (idempotent) and returns what it applied.
 """
 
@@ -77,6 +81,9 @@ def prepare_inference(denoiser, *, compile: bool = False, cuda_graphs: bool = Fa
     if cuda_graphs and not state.get("cuda_graphs"):
         denoiser.net = GraphedNet(denoiser.net, cuda_capture)
         state["cuda_graphs"] = True
+    if device.type == "cuda" and (compile or cuda_graphs or channels_last):
+        torch.backends.cudnn.benchmark = True
+        state["cudnn_benchmark"] = True
     if vae_tiling and not state.get("vae_tiling"):
         if vae is None:
             raise FewstepError("--vae-tiling applies to latent text-to-image models (it tiles their VAE decode)")

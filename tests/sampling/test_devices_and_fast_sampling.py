@@ -192,12 +192,15 @@ def test_text_to_image_batches_prompt_cache_and_vae_options(tiny_sdxl, monkeypat
     monkeypatch.setattr(parts, "_encode", lambda batch: encoded.append(list(batch)) or real_encode(batch))
     decoded = []
     real_decode = parts.decode
-    monkeypatch.setattr(parts, "decode", lambda z, batch_size=8: decoded.append(len(z)) or real_decode(z, batch_size))
+    monkeypatch.setattr(parts, "decode",
+                        lambda z, batch_size=8: decoded.append((len(z), batch_size)) or real_decode(z, batch_size))
     one = fewstep.sample(den, num=7, steps=2, batch_size=1, prompts=prompts)
     assert encoded == [["a red cube", "two cats"]]  # each unique prompt once
-    assert decoded == [1] * 7  # the VAE decodes each sampling batch as it is made
+    assert decoded == [(1, 1)] * 7  # the VAE decodes each sampling batch as it is made
     seven = fewstep.sample(den, num=7, steps=2, batch_size=7, prompts=prompts)
-    assert encoded == [["a red cube", "two cats"]] and decoded[-1] == 7  # the second call reads the cache
+    assert encoded == [["a red cube", "two cats"]] and decoded[-1] == (7, 7)  # the second call reads the cache
+    fewstep.sample(den, num=7, steps=1, batch_size=7, prompts=prompts, decode_batch_size=3)
+    assert decoded[-1] == (7, 3)
     torch.testing.assert_close(one["_samples"], seven["_samples"], rtol=1e-5, atol=1e-5)
     assert one["_samples"].shape == (7, 3, 16, 16) and one["dtype"] == "fp32" and one["device"] == "cpu"
     fast = fewstep.sample(den, num=3, steps=2, batch_size=3, prompts=prompts, channels_last=True, vae_tiling=True)

@@ -34,7 +34,7 @@ def test_cuda_graphs_replay_what_eager_sampling_makes(tiny_sdxl):
     kw = dict(num=6, steps=4, solver="euler", batch_size=4, prompts=["a red cube", "two cats"])
     eager = fewstep.sample(den, **kw)["_samples"]
     graphed = fewstep.sample(den, cuda_graphs=True, **kw)
-    assert graphed["fast"] == {"cuda_graphs": True} and isinstance(den.net, GraphedNet)
+    assert graphed["fast"] == {"cuda_graphs": True, "cudnn_benchmark": True} and isinstance(den.net, GraphedNet)
     assert len(den.net._graphs) == 2 and den.net.replays == 8  # batches of 4 and 2, 4 steps each
     torch.testing.assert_close(graphed["_samples"], eager, rtol=2e-2, atol=2e-2)
     again = fewstep.sample(den, **kw)  # graphs stay captured: replays only
@@ -47,5 +47,5 @@ def test_compile_channels_last_and_graphs_together(tiny_sdxl):
     kw = dict(num=3, steps=1, solver="euler", batch_size=3, prompt="two cats")
     eager = fewstep.sample(den, **kw)["_samples"]
     fast = fewstep.sample(den, compile=True, channels_last=True, cuda_graphs=True, **kw)
-    assert set(fast["fast"]) == {"compile", "channels_last", "cuda_graphs"}
+    assert set(fast["fast"]) == {"compile", "channels_last", "cuda_graphs", "cudnn_benchmark"}
     torch.testing.assert_close(fast["_samples"], eager, rtol=5e-2, atol=5e-2)
