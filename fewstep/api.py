@@ -122,6 +122,9 @@ def sample(
                                     batch_size=batch_size, labels=labels, guidance=guidance, progress=progress,
                                     cond=cond, renoise=settings.renoise, decode=decode)
     seconds = time.perf_counter() - t0
+    failures = getattr(den.net, "failures", None)
+    if fast.get("cuda_graphs") and failures:  # signatures that could not be captured ran eagerly
+        fast = {**fast, "cuda_graph_failures": list(failures)}
     result = {
         "model": str(model) if not isinstance(model, torch.nn.Module) else meta.get("teacher_name", "<model>"),
         "data": meta.get("data"),

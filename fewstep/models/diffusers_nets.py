@@ -115,10 +115,11 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Flux's (H/2 * W/2, 3) position ids of the packed tokens: (0, row, column)
     (``FluxPipeline._prepare_latent_image_ids``)."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] = torch.arange(height // 2)[:, None]
-    ids[..., 2] = torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    # made on `device` directly: no host-to-device copy (which a CUDA graph capture of the network would refuse)
+    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+    ids[..., 1] = torch.arange(height // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device)[None, :]
+    return ids.reshape(-1, 3).to(dtype=dtype)
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -210,7 +211,8 @@ class DiffusersNet(nn.Module):
         cond = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
         timestep_cond = flux_guidance = None
         if self.guidance_embed and self.arch == "flux":  # the transformer's own guidance embedding
-            w = torch.tensor(FLUX_DEFAULT_GUIDANCE) if guidance is None else torch.as_tensor(guidance)
+            w = (torch.full((), FLUX_DEFAULT_GUIDANCE, device=x.device) if guidance is None
+                 else torch.as_tensor(guidance))
             flux_guidance = w.to(x.device, torch.float32).expand(x.shape[0])
         elif self.guidance_embed:
             w = torch.ones(x.shape[0], device=x.device) if guidance is None else torch.as_tensor(guidance)

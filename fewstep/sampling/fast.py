@@ -22,6 +22,7 @@ algorithm for its shapes, chosen on the first call.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -138,6 +139,7 @@ class GraphedNet(nn.Module):
         self._graphs: dict = {}
         self.replays = 0
         self.eager_calls = 0
+        self.failures: list[str] = []  # why a signature could not be captured (it then runs eagerly)
 
     def __getattr__(self, name):
         try:
@@ -167,12 +169,20 @@ class GraphedNet(nn.Module):
             return self.inner(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         key = (self._signature(flat), str(spec))
+        if key not in self._graphs and len(self._graphs) < self._max_graphs:
+            try:
+                self._graphs[key] = self._record(flat, spec)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a network that cannot be captured runs eagerly, and says why
+                self._graphs[key] = None
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                self.failures.append(reason)
+                warnings.warn(f"CUDA graph capture failed, these calls run eagerly: {reason}", stacklevel=2)
         entry = self._graphs.get(key)
-        if entry is None:
-            if len(self._graphs) >= self._max_graphs:
-                self.eager_calls += 1
-                return self.inner(*args, **kwargs)
-            entry = self._graphs[key] = self._record(flat, spec)
+        if entry is None:  # too many signatures, or this one cannot be captured
+            self.eager_calls += 1
+            return self.inner(*args, **kwargs)
         static, replay, out = entry
         for buf, a in zip(static, flat, strict=True):
             if isinstance(buf, torch.Tensor):

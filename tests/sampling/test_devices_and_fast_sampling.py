@@ -165,6 +165,21 @@ def test_graphed_net_replays_one_capture_per_input_signature():
     assert den.net.eager_calls == 2 and tangent.abs().sum() > 0
 
 
+
+def test_a_network_that_cannot_be_captured_runs_eagerly_and_says_why():
+    den = load_model("digits")
+    plain, _ = generate(den, 3, steps=2, solver="euler", batch_size=3)
+
+    def refuse(fn):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    den.net = GraphedNet(den.net, refuse)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        out, _ = generate(den, 3, steps=2, solver="euler", batch_size=3)
+    torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)
+    assert den.net.failures == ["RuntimeError: operation not permitted when stream is capturing"]
+    assert den.net.replays == 0 and den.net.eager_calls == 2  # tried once, then eager for that signature
+
 def test_channels_last_keeps_the_samples():
     ref = fewstep.sample("digits", num=8, steps=2)["_samples"]
     den = load_model("digits")
