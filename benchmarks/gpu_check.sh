@@ -12,6 +12,8 @@
 # sample (benchmarks/sample_speed.py: fewstep against stock diffusers on full SDXL at 1024 px, 1 and 4 steps),
 # breakdown (benchmarks/diffusers_train.py --breakdown on full SDXL, LoRA 64 + checkpointing, bf16, TDM first),
 # tdm (TDM's s/iteration on full SDXL, the setup of the 4.06 s).
+# BUNDLE=1 packs the logs and JSON into $OUT/gpu_check.tar.gz (beside summary.txt), for a device run that may bring
+# back only a few files.
 # diffusers is not installed on the GPU machine: a wheel in .whl/ (see ../shared/ENVIRONMENT.md) is installed
 # into /tmp/site first when diffusers does not import.
 set -u
@@ -98,4 +100,8 @@ for s in $STAGES; do
         echo "unknown stage $s (tests, attention, jvp, train, sample, breakdown, tdm)"; status=2 ;;
     esac
 done
+if [ "${BUNDLE:-0}" = 1 ]; then
+    ( cd "$OUT" && tar -czf /tmp/gpu_check.tar.gz --exclude=summary.txt --exclude=gpu_check.tar.gz . \
+        && find . -type f ! -name summary.txt -delete && mv /tmp/gpu_check.tar.gz . )
+fi
 exit $status
