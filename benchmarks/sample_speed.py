@@ -6,7 +6,8 @@ random-weight pipeline (no download) shared by both.
 
 For each step count: per-image latency at batch 1 (prompt encoding, the network calls, VAE decode, images on the
 host) and throughput at batch 16, for
-  stock     the pipeline's own __call__ (num_inference_steps=STEPS, guidance_scale 1: no CFG, output_type "pt");
+  stock     the pipeline's own __call__ (num_inference_steps=STEPS, guidance_scale 1: no CFG, output_type "pt", the
+            images then copied to the host);
   fewstep   `fewstep.sample(denoiser, steps=STEPS, solver="euler")` on the same pipeline: the same number of
             network calls and one VAE decode, images returned on the CPU as float32;
   fast      the same with --compile, --channels-last and, on CUDA, --cuda-graphs (their one-off compilation and
@@ -77,7 +78,7 @@ def _median_seconds(fn, repeats: int, warmup: int, device: torch.device) -> tupl
 def stock_call(pipe, prompts: list[str], steps: int, resolution: tuple[int, int]):
     kw = {"num_inference_steps": steps, "guidance_scale": 1.0, "height": resolution[0], "width": resolution[1],
           "output_type": "pt", "generator": [torch.Generator().manual_seed(i) for i in range(len(prompts))]}
-    return pipe(prompt=prompts, **kw).images
+    return pipe(prompt=prompts, **kw).images.cpu()  # on the host, as fewstep returns them
 
 
 def fewstep_call(den, prompts: list[str], steps: int, fast: dict):
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
         f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))"
     print(f"{args.arch} ({args.size}, random weights) at {resolution[0]}x{resolution[1]} in {dtype_name(dtype)} on "
           f"{name}; latency at batch 1, throughput at batch {args.batch}")
-    print(f"{'steps':>5} {'variant':<8} {'latency ms':>11} {'x stock':>8} {'img/s':>9} {'x stock':>8} {'warm-up s':>10}")
+    print(f"{'steps':>5} {'variant':<8} {'latency ms':>11} {'x stock':>8} {'img/s':>9} {'x stock':>8} "
+          f"{'warm-up s':>10}")
     for r in sorted(rows, key=lambda r: (r["steps"], ["stock", "fewstep", "fast"].index(r["variant"]))):
         print(f"{r['steps']:>5} {r['variant']:<8} {1e3 * r['latency_s']:>11.2f} {r['latency_ratio']:>8.2f} "
               f"{r['throughput_img_s']:>9.2f} {r['throughput_ratio']:>8.2f} {r['warmup_s']:>10.2f}")

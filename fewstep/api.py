@@ -105,14 +105,15 @@ def sample(
         raise FewstepError(f"--guidance needs a conditional model; {model!r} is unconditional")
     if out is not None and den.data_shape is not None and len(den.data_shape) == 1 and Path(out).suffix != ".npz":
         raise FewstepError(f"2-D samples are written as .npz; got --out {str(out)!r} (use e.g. samples.npz)")
-    cond, prompt_list, decode = None, None, None
+    cond, cond_index, prompt_list, decode = None, None, None, None
     t0 = time.perf_counter()
     if text:
         prompt_list = _prompt_list(prompt, prompts)
         unique = list(dict.fromkeys(prompt_list))
         encoded = den.components.encode_prompts(unique)  # each unique prompt once (and cached across calls)
-        rows = torch.tensor([unique.index(prompt_list[i % len(prompt_list)]) for i in range(num)])
-        cond = {k: v[rows] for k, v in encoded.items()}
+        position = {p: i for i, p in enumerate(unique)}
+        cond = encoded  # sample i's row: its prompt's, gathered batch by batch
+        cond_index = torch.tensor([position[prompt_list[i % len(prompt_list)]] for i in range(num)])
         parts = den.components
 
         def decode(latents):  # each batch as it is made, on the model's device
@@ -120,7 +121,7 @@ def sample(
 
     samples, used_labels = generate(den, num, timesteps=settings.timesteps, solver=solver, seed=seed,
                                     batch_size=batch_size, labels=labels, guidance=guidance, progress=progress,
-                                    cond=cond, renoise=settings.renoise, decode=decode)
+                                    cond=cond, renoise=settings.renoise, decode=decode, cond_index=cond_index)
     seconds = time.perf_counter() - t0
     failures = getattr(den.net, "failures", None)
     if fast.get("cuda_graphs") and failures:  # signatures that could not be captured ran eagerly
@@ -151,21 +152,24 @@ def sample(
 
 def _model_on_device(model, device, dtype):
     """A loaded Denoiser on `device` in `dtype`: `model` loaded (auto when None), or a Denoiser moved only where
-    asked."""
+    asked (with what it runs unregistered, a LoRA student's base weights, and its prompt encoders and VAE)."""
     from fewstep.devices import check_dtype, resolve_device, resolve_dtype
 
     check_dtype(dtype)
     if not isinstance(model, torch.nn.Module):
         return load_model(model, "auto" if device is None else device, dtype="auto" if dtype is None else dtype)
+    if device is None and dtype is None:
+        return model
+    from fewstep.models.jvp import place_networks
     from fewstep.sampling.generation import model_device
 
     den = model
-    if device is not None:
-        den.to(resolve_device(device))
-        if den.components is not None:
-            den.components.to(model_device(den))
-    if dtype is not None:
-        den.to(resolve_dtype(dtype, model_device(den), diffusers=den.components is not None))
+    dev = resolve_device(device) if device is not None else model_device(den)
+    cast = resolve_dtype(dtype, dev, diffusers=den.components is not None) if dtype is not None else None
+    den.to(dev)  # registered weights, the null condition, and any captured CUDA graphs dropped
+    place_networks([den], device=dev, dtype=cast)
+    if den.components is not None:
+        den.components.to(dev)
     return den
 
 

@@ -2,8 +2,8 @@
 checked once with one-line errors and resolved the same way by every command and API function.
 
 auto device: the current CUDA device when one is available, else the CPU. auto dtype: bf16 for diffusers
-pipelines (and students made from them) on CUDA, fp32 for everything else (the built-in teachers are small and
-their quality numbers were measured in fp32).
+pipelines (and students made from them) on CUDA (fp16 on GPUs without bf16), fp32 for everything else (the
+built-in teachers are small and their quality numbers were measured in fp32).
 """
 
 from __future__ import annotations
@@ -58,8 +58,20 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device, *, diffu
         return spec
     text = "auto" if spec is None else str(spec).strip().lower()
     if text == "auto":
-        return torch.bfloat16 if diffusers and torch.device(device).type == "cuda" else torch.float32
+        device = torch.device(device)
+        if not diffusers or device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if _bf16_supported(device) else torch.float16
     return DTYPES[text]
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    """Whether the CUDA device computes in bf16 natively (Ampere and later; V100 and T4 do not: fp16 there)."""
+    try:
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    except (RuntimeError, AssertionError, TypeError):
+        return True
 
 
 def dtype_name(dtype: torch.dtype) -> str:

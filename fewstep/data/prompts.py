@@ -167,7 +167,7 @@ def cached_conditions(parts, prompts: list[str], cache_dir: Path, batch_size: in
     if not path.is_file():
         unique = list(dict.fromkeys(prompts))
         position = {p: i for i, p in enumerate(unique)}
-        cond = parts.encode_prompts(unique, batch_size=batch_size)
+        cond = parts.encode_prompts(unique, batch_size=batch_size, cache=False)  # on disk: not kept in memory too
         cond[ROW_INDEX] = torch.tensor([position[p] for p in prompts], dtype=torch.long)
         _save_tensors(path, cond, {"prompts": len(prompts), "distinct": len(unique)})
     return path

@@ -125,7 +125,7 @@ class ModelSamples:
         from fewstep.devices import dtype_name
 
         self.spec = str(spec)
-        den = load_model(self.spec, "cpu" if device is None else device, dtype="auto" if dtype is None else dtype)
+        den = load_model(self.spec, "auto" if device is None else device, dtype="auto" if dtype is None else dtype)
         if den.data_shape is None or len(den.data_shape) != 3:
             raise FewstepError(f"model {self.spec!r} does not generate images (data shape {den.data_shape}); "
                                "FID needs images")

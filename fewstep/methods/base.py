@@ -68,8 +68,10 @@ class StepContext:
     device: torch.device
 
     def randn(self, shape, like: torch.Tensor | None = None) -> torch.Tensor:
+        from fewstep.diffusion.processes import to_device
+
         z = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
-        return z.to(self.device, like.dtype if like is not None else torch.float32)
+        return to_device(z, self.device, like.dtype if like is not None else torch.float32)
 
     def rand(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, dtype=torch.float64)

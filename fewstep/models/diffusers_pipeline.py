@@ -33,7 +33,8 @@ SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeli
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length (T5 tokens), which fewstep's prompts use too
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 PROBE_PROMPTS = ["", "a photo of a cat"]
-PROMPT_CACHE_SIZE = 4096  # prompts whose conditions a pipeline keeps in memory (least recently used dropped)
+PROMPT_CACHE_BYTES = 1 << 30  # conditions a pipeline keeps in memory, least recently used dropped (1 GiB: ~1600
+# SDXL prompts, 128-256 Flux ones with their 512 T5 tokens)
 
 
 def hub_hint(source: str) -> str:
@@ -116,6 +117,7 @@ class TextToImageParts:
         self._fingerprint = None
         # prompt -> its conditions (CPU, batch 1): each unique prompt is encoded once per process
         self._prompt_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._prompt_cache_bytes = 0
         self.prompt_cache_hits = self.prompt_cache_misses = 0
 
     def __deepcopy__(self, memo):
@@ -150,15 +152,16 @@ class TextToImageParts:
 
     # -- text -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str], batch_size: int = 32, *,
+                       cache: bool = True) -> dict[str, torch.Tensor]:
         """Conditions for `prompts` (CPU tensors, batch first), computed by the pipeline's `encode_prompt`. Each
-        unique prompt is encoded once (in batches of `batch_size`) and kept: the last PROMPT_CACHE_SIZE prompts
-        come from memory."""
+        unique prompt is encoded once (in batches of `batch_size`); with `cache`, the conditions of the most
+        recently used prompts are kept in memory (up to PROMPT_CACHE_BYTES) for later calls."""
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise FewstepError("no prompts to encode")
-        cache = self._prompt_cache
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        store = self._prompt_cache
+        missing = [p for p in dict.fromkeys(prompts) if p not in store]
         self.prompt_cache_misses += len(missing)
         self.prompt_cache_hits += len(prompts) - len(missing)
         fresh: dict[str, dict[str, torch.Tensor]] = {}
@@ -167,12 +170,20 @@ class TextToImageParts:
             encoded = self._encode(chunk)
             for j, p in enumerate(chunk):
                 fresh[p] = {k: v[j:j + 1].clone() for k, v in encoded.items()}
-        rows = [fresh.get(p) or cache[p] for p in prompts]
-        for p in dict.fromkeys(prompts):  # most recently used last
-            cache[p] = fresh.get(p) or cache.pop(p)
-        while len(cache) > PROMPT_CACHE_SIZE:
-            cache.popitem(last=False)
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        rows = [fresh[p] if p in fresh else store[p] for p in prompts]
+        out = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        if cache:
+            for p in dict.fromkeys(prompts):  # most recently used last
+                if p in fresh:
+                    entry = fresh[p]
+                    self._prompt_cache_bytes += sum(v.numel() * v.element_size() for v in entry.values())
+                else:
+                    entry = store.pop(p)
+                store[p] = entry
+            while store and self._prompt_cache_bytes > PROMPT_CACHE_BYTES:
+                _, dropped = store.popitem(last=False)
+                self._prompt_cache_bytes -= sum(v.numel() * v.element_size() for v in dropped.values())
+        return out
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         pipe, dev = self.pipe, self.device

@@ -378,3 +378,26 @@ class JVP:
         """What ran: {"backend", "attention" (paths of the last call), "dtype"} (JSON-able, for logs)."""
         return {"backend": self.chosen, "attention": dict(self.attention),
                 "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}
+
+
+def place_networks(modules: Sequence[nn.Module], *, device=None, dtype: torch.dtype | None = None) -> None:
+    """Move `modules` (and the trees they run without registering them, `expand_modules`) to `device` and cast their
+    floating tensors to `dtype`, in place: each tensor's `.data` is replaced, so a tensor shared by two trees (a LoRA
+    student's base and its teacher's) moves once and stays shared. Modules marked `jvp_keep_dtype` (the built-in
+    nets' time embedding, fp32 by design) keep their precision."""
+    roots = expand_modules(modules)
+    kept = _kept_in_own_dtype(roots)
+    device = torch.device(device) if device is not None else None
+    seen: set[int] = set()
+    for root in roots:
+        for m in root.modules():
+            cast = dtype if id(m) not in kept else None
+            for store in (m._parameters, m._buffers):
+                for t in store.values():
+                    if t is None or id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                    to_dtype = cast if cast is not None and t.is_floating_point() else t.dtype
+                    to_device = device if device is not None else t.device
+                    if t.dtype != to_dtype or t.device != to_device:
+                        t.data = t.data.to(device=to_device, dtype=to_dtype)

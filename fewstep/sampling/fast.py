@@ -7,10 +7,10 @@ costs start-up time (compilation, graph capture):
   cuDNN's fastest convolutions use; networks without 2-D convolutions are left as they are.
 - ``compile``: `torch.compile` of the denoising network (the diffusers UNet/transformer, or the built-in net) and
   of the VAE decoder, with static shapes.
-- ``cuda_graphs``: the network's calls replayed from CUDA graphs, one graph per input signature (shapes, dtypes
-  and the non-tensor arguments), captured on its first call: a few-step student at a fixed batch size and
+- ``cuda_graphs``: the network's calls replayed from CUDA graphs, one graph per input signature (shapes, dtypes,
+  device and the non-tensor arguments), captured on its second call: a few-step student at a fixed batch size and
   resolution launches each step as one graph instead of hundreds of kernels. Calls with gradients (training,
-  JVPs) run eagerly. CUDA only.
+  JVPs) run eagerly, and so does a signature whose capture fails (with a warning). CUDA only.
 - ``vae_tiling``: diffusers' tiled VAE decode, for images too large to decode at once.
 
 On CUDA, any of compile, CUDA graphs or channels_last also turns on cuDNN's autotuner
@@ -63,6 +63,9 @@ def prepare_inference(denoiser, *, compile: bool = False, cuda_graphs: bool = Fa
         raise FewstepError(f"--cuda-graphs needs the model on a CUDA device; it is on {device} (use --device cuda)")
     vae = _vae(denoiser)
     net = network_module(denoiser)
+    if ((channels_last and not state.get("channels_last")) or (compile and not state.get("compile"))) \
+            and isinstance(denoiser.net, GraphedNet):
+        denoiser.net.reset()  # graphs captured over the old weights' memory or kernels are dropped
     if channels_last and not state.get("channels_last"):
         applied = []
         if _has_conv2d(net):
@@ -94,26 +97,29 @@ def prepare_inference(denoiser, *, compile: bool = False, cuda_graphs: bool = Fa
 
 
 # -- CUDA graphs ---------------------------------------------------------------------------------------------
-Capture = Callable[[Callable[[], object]], tuple[Callable[[], None], object]]
+# capture(fn, device, pool) -> (replay, static outputs)
+Capture = Callable[[Callable[[], object], torch.device, object], tuple[Callable[[], None], object]]
 
 
-def cuda_capture(fn: Callable[[], object], warmup: int = 2) -> tuple[Callable[[], None], object]:
-    """Capture `fn()` (which reads only its static input tensors) in a CUDA graph: warm-up calls on a side stream
-    (cuDNN/cuBLAS choose their kernels, lazy state is built), then one captured call into a private memory pool.
+def cuda_capture(fn: Callable[[], object], device: torch.device, pool=None,
+                 warmup: int = 1) -> tuple[Callable[[], None], object]:
+    """Capture `fn()` (which reads only its static input tensors) in a CUDA graph on `device`: a warm-up call on a
+    side stream (lazy state is built), then one captured call on a stream of that device, into the memory `pool`.
     Returns (replay, static outputs): replay() re-runs the graph, writing the same output tensors."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device)):
+            out = fn()
     return graph.replay, out
 
 
-def eager_capture(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
+def eager_capture(fn: Callable[[], object], device=None, pool=None) -> tuple[Callable[[], None], object]:
     """What `cuda_capture` promises, on any device, by re-running `fn()` and copying into the first call's
     outputs: the reference GraphedNet is tested against on the CPU."""
     out = fn()
@@ -126,10 +132,13 @@ def eager_capture(fn: Callable[[], object]) -> tuple[Callable[[], None], object]
 
 
 class GraphedNet(nn.Module):
-    """A network whose gradient-free calls replay captured graphs: `capture(fn)` records `fn` over static input
-    buffers on the first call with a new input signature; each later call copies its inputs into those buffers,
-    replays, and returns clones of the static outputs. Attributes not found here are the wrapped network's (its
-    config, arch, ...)."""
+    """A network whose gradient-free calls replay captured graphs. The first call with a new input signature (shapes,
+    dtypes, device, non-tensor arguments) runs eagerly (a warm-up; a signature met once, such as a last partial
+    batch, is never captured); the second records the network over static input buffers with `capture`; every later
+    call copies its inputs into those buffers, replays, and returns clones of the static outputs. The graphs of one
+    network share a memory pool (their replays never overlap and their outputs are cloned at once). Attributes not
+    found here, and the state dict, are the wrapped network's. `reset()` drops every graph (after the weights moved,
+    were cast or re-laid out: a graph reads the memory it was captured with)."""
 
     def __init__(self, inner: nn.Module, capture: Capture = cuda_capture, max_graphs: int = MAX_GRAPHS):
         super().__init__()
@@ -137,9 +146,12 @@ class GraphedNet(nn.Module):
         self._capture_fn = capture
         self._max_graphs = int(max_graphs)
         self._graphs: dict = {}
+        self._seen: set = set()
+        self._pool = None
         self.replays = 0
         self.eager_calls = 0
         self.failures: list[str] = []  # why a signature could not be captured (it then runs eagerly)
+        self._register_load_state_dict_pre_hook(self._inner_keys, with_module=False)
 
     def __getattr__(self, name):
         try:
@@ -150,10 +162,28 @@ class GraphedNet(nn.Module):
     def config(self) -> dict:
         return self.inner.config()
 
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The wrapped network's state dict, under this module's own prefix (no "inner.")."""
+        return self.inner.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    @staticmethod
+    def _inner_keys(state_dict, prefix, *args):
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "inner.")]:
+            state_dict[prefix + "inner." + key[len(prefix):]] = state_dict.pop(key)
+
+    def reset(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+
+    def _apply(self, fn, recurse=True):
+        self.reset()
+        return super()._apply(fn, recurse)
+
     @staticmethod
     def _signature(flat) -> tuple:
-        return tuple(("tensor", tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else ("value", repr(a))
-                     for a in flat)
+        return tuple(("tensor", tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, torch.Tensor)
+                     else ("value", repr(a)) for a in flat)
 
     @staticmethod
     def _differentiating() -> bool:
@@ -163,13 +193,19 @@ class GraphedNet(nn.Module):
         return (torch.is_grad_enabled() or forward_ad._current_level >= 0
                 or torch._C._functorch.peek_interpreter_stack() is not None)
 
+    def _eager(self, args, kwargs):
+        self.eager_calls += 1
+        return self.inner(*args, **kwargs)
+
     def forward(self, *args, **kwargs):
         if self._differentiating():
-            self.eager_calls += 1
-            return self.inner(*args, **kwargs)
+            return self._eager(args, kwargs)
         flat, spec = tree_flatten((args, kwargs))
         key = (self._signature(flat), str(spec))
-        if key not in self._graphs and len(self._graphs) < self._max_graphs:
+        if key not in self._graphs:
+            if key not in self._seen or len(self._graphs) >= self._max_graphs:
+                self._seen.add(key)
+                return self._eager(args, kwargs)
             try:
                 self._graphs[key] = self._record(flat, spec)
             except torch.OutOfMemoryError:
@@ -179,10 +215,9 @@ class GraphedNet(nn.Module):
                 reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 self.failures.append(reason)
                 warnings.warn(f"CUDA graph capture failed, these calls run eagerly: {reason}", stacklevel=2)
-        entry = self._graphs.get(key)
-        if entry is None:  # too many signatures, or this one cannot be captured
-            self.eager_calls += 1
-            return self.inner(*args, **kwargs)
+        entry = self._graphs[key]
+        if entry is None:  # this signature cannot be captured
+            return self._eager(args, kwargs)
         static, replay, out = entry
         for buf, a in zip(static, flat, strict=True):
             if isinstance(buf, torch.Tensor):
@@ -195,10 +230,12 @@ class GraphedNet(nn.Module):
         from fewstep.sampling.generation import model_device
 
         device = model_device(self.inner)
+        if self._pool is None and device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
         # inputs become buffers on the network's device (a CPU time tensor would be an upload inside the graph)
         static = [a.detach().to(device).clone() if isinstance(a, torch.Tensor) else a for a in flat]
         args, kwargs = tree_unflatten(static, spec)
-        replay, out = self._capture_fn(lambda: self.inner(*args, **kwargs))
+        replay, out = self._capture_fn(lambda: self.inner(*args, **kwargs), device, self._pool)
         return static, replay, out
 
 

@@ -25,7 +25,14 @@ def _first_float_tensor(module: torch.nn.Module) -> torch.Tensor | None:
 
 
 def model_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of the first floating parameter (or buffer) of `module`; float32 if it has none."""
+    """The dtype most of `module`'s floating parameters have (by count; a bf16 network whose time embedding stays
+    fp32 is bf16), else that of its first floating buffer; float32 if it has none. The precision states are kept in
+    while sampling it."""
+    from fewstep.models.jvp import network_dtype
+
+    dtype = network_dtype([module])
+    if dtype is not None:
+        return dtype
     p = _first_float_tensor(module)
     return p.dtype if p is not None else torch.float32
 
@@ -54,6 +61,7 @@ def generate(
     cond=None,
     noise_stream: str | None = None,
     decode=None,
+    cond_index: torch.Tensor | None = None,
 ):
     """`num` samples and their labels (or None), drawn batch by batch.
 
@@ -85,7 +93,11 @@ def generate(
         raise FewstepError("give labels or cond, not both")
     if cond is not None:
         rows = next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
-        if rows != num:
+        if cond_index is not None:
+            cond_index = torch.as_tensor(cond_index, dtype=torch.long)
+            if cond_index.shape != (num,) or (num and not 0 <= int(cond_index.min()) <= int(cond_index.max()) < rows):
+                raise FewstepError(f"cond_index must hold {num} rows in 0..{rows - 1}")
+        elif rows != num:
             raise FewstepError(f"got conditions for {rows} samples, need {num}")
     stream = noise_stream or denoiser.meta.get("noise_stream", "hashed")
     if stream not in NOISE_STREAMS:
@@ -107,7 +119,7 @@ def generate(
             else:
                 noise = noise_for_seeds(seeds, denoiser.data_shape, dtype=dtype, device=device)
             if cond is not None:
-                c = _rows(cond, start, count, device)
+                c = _rows(cond, start, count, device, cond_index)
             else:
                 c = labels[start:start + count].to(device) if labels is not None else None
             w = guidance[start:start + count].to(device) if per_sample_guidance else guidance
@@ -125,7 +137,8 @@ def generate(
     return (torch.empty((0, *denoiser.data_shape)) if decode is None else torch.empty((0,))), labels
 
 
-def _rows(cond, start: int, count: int, device):
+def _rows(cond, start: int, count: int, device, index=None):
+    pick = slice(start, start + count) if index is None else index[start:start + count]
     if isinstance(cond, dict):
-        return {k: v[start:start + count].to(device) for k, v in cond.items()}
-    return cond[start:start + count].to(device)
+        return {k: v[pick].to(device) for k, v in cond.items()}
+    return cond[pick].to(device)

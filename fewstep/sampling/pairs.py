@@ -201,7 +201,11 @@ def _read_manifest(path: Path) -> dict:
 
 def _differences(old: dict, new: dict) -> list[str]:
     a, b = _identity(old), _identity(new)
-    return [f"{k}={a.get(k)!r} (asked: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    out = [f"{k}={a.get(k)!r} (asked: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if a.get("teacher_sha256") != b.get("teacher_sha256"):  # the weights' bytes, so their dtype too
+        out.append("the teacher's weights differ: another teacher, or the same one in another --dtype (sets made "
+                   "before --dtype existed are fp32)")
+    return out
 
 
 def _shard_metadata(fingerprint: str, index: int, start: int, count: int) -> dict[str, str]:

@@ -106,8 +106,10 @@ def load_model(spec: str | Path, device="cpu", *, dtype=None, **teacher_options)
                                f"continue it with `fewstep distill --resume --out {path}`")
         spec = student
     den = load_teacher(spec, device, dtype=dtype, **teacher_options)
-    if dtype is not None:
-        den.to(dtype)  # built-in networks (diffusers pipelines were loaded in it)
+    if dtype is not None:  # built-in networks (diffusers pipelines were loaded in it; their students' adapters)
+        from fewstep.models.jvp import place_networks
+
+        place_networks([den], dtype=dtype)
     return den
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.diffusion.processes import to_device
 from fewstep.errors import FewstepError
 from fewstep.methods import Batch, DistillMethod, RunContext, StepContext, build_method_config, get_method
 from fewstep.teachers import load_model
@@ -161,7 +162,8 @@ class Trainer:
         b = int(self.cfg.batch_size)
         if getattr(self.source, "yields_conditions", False):  # a source of (x0 or None, conditions)
             x0, cond = self.source.sample(b, self.gen)
-            return Batch(size=b, cond=_to_device(cond, self.device), x0=x0.to(self.device) if x0 is not None else None)
+            return Batch(size=b, cond=_to_device(cond, self.device),
+                         x0=to_device(x0, self.device) if x0 is not None else None)
         x0 = labels = None
         if self.source is not None:
             x0, labels = self.source.sample(b, self.gen)
@@ -169,8 +171,8 @@ class Trainer:
                 x0 = None
         if self.teacher.cond_kind == "class" and labels is None:
             labels = torch.randint(0, int(self.teacher.num_classes), (b,), generator=self.gen)
-        return Batch(size=b, cond=labels.to(self.device) if labels is not None else None,
-                     x0=x0.to(self.device) if x0 is not None else None)
+        return Batch(size=b, cond=to_device(labels, self.device) if labels is not None else None,
+                     x0=to_device(x0, self.device) if x0 is not None else None)
 
     def _lr_factor(self, it: int) -> float:
         cfg = self.cfg
@@ -412,5 +414,5 @@ def _to_device(cond, device):
     if cond is None:
         return None
     if isinstance(cond, dict):
-        return {k: v.to(device) for k, v in cond.items()}
-    return cond.to(device)
+        return {k: to_device(v, device) for k, v in cond.items()}
+    return to_device(cond, device)

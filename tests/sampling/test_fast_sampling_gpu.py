@@ -35,10 +35,11 @@ def test_cuda_graphs_replay_what_eager_sampling_makes(tiny_sdxl):
     eager = fewstep.sample(den, **kw)["_samples"]
     graphed = fewstep.sample(den, cuda_graphs=True, **kw)
     assert graphed["fast"] == {"cuda_graphs": True, "cudnn_benchmark": True} and isinstance(den.net, GraphedNet)
-    assert len(den.net._graphs) == 2 and den.net.replays == 8  # batches of 4 and 2, 4 steps each
+    # batches of 4 and 2, 4 steps each: per batch size one eager call, then a capture and 3 replays
+    assert len(den.net._graphs) == 2 and den.net.replays == 6 and not den.net.failures
     torch.testing.assert_close(graphed["_samples"], eager, rtol=2e-2, atol=2e-2)
     again = fewstep.sample(den, **kw)  # graphs stay captured: replays only
-    assert den.net.replays == 16 and len(den.net._graphs) == 2
+    assert den.net.replays == 14 and len(den.net._graphs) == 2
     torch.testing.assert_close(again["_samples"], graphed["_samples"], rtol=0, atol=0)
 
 
