@@ -28,11 +28,12 @@ def model_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype most of `module`'s floating parameters have (by count; a bf16 network whose time embedding stays
     fp32 is bf16), else that of its first floating buffer; float32 if it has none. The precision states are kept in
     while sampling it."""
-    from fewstep.models.jvp import network_dtype
-
-    dtype = network_dtype([module])
-    if dtype is not None:
-        return dtype
+    counts: dict[torch.dtype, int] = {}
+    for q in module.parameters():
+        if q.is_floating_point():
+            counts[q.dtype] = counts.get(q.dtype, 0) + q.numel()
+    if counts:
+        return max(counts, key=counts.get)
     p = _first_float_tensor(module)
     return p.dtype if p is not None else torch.float32
 
