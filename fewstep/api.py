@@ -123,9 +123,12 @@ def sample(
                                     batch_size=batch_size, labels=labels, guidance=guidance, progress=progress,
                                     cond=cond, renoise=settings.renoise, decode=decode, cond_index=cond_index)
     seconds = time.perf_counter() - t0
-    failures = getattr(den.net, "failures", None)
-    if fast.get("cuda_graphs") and failures:  # signatures that could not be captured ran eagerly
-        fast = {**fast, "cuda_graph_failures": list(failures)}
+    if fast.get("cuda_graphs"):  # signatures that could not be captured ran eagerly
+        from fewstep.sampling.fast import graphed_modules
+
+        failures = [f for g in graphed_modules(den) for f in g.failures]
+        if failures:
+            fast = {**fast, "cuda_graph_failures": failures}
     result = {
         "model": str(model) if not isinstance(model, torch.nn.Module) else meta.get("teacher_name", "<model>"),
         "data": meta.get("data"),

@@ -7,7 +7,7 @@ costs start-up time (compilation, graph capture):
   cuDNN's fastest convolutions use; networks without 2-D convolutions are left as they are.
 - ``compile``: `torch.compile` of the denoising network (the diffusers UNet/transformer, or the built-in net) and
   of the VAE decoder, with static shapes.
-- ``cuda_graphs``: the network's calls replayed from CUDA graphs, one graph per input signature (shapes, dtypes,
+- ``cuda_graphs``: the network's (and the VAE decoder's) calls replayed from CUDA graphs, one graph per input signature (shapes, dtypes,
   device and the non-tensor arguments), captured on its second call: a few-step student at a fixed batch size and
   resolution launches each step as one graph instead of hundreds of kernels. Calls with gradients (training,
   JVPs) run eagerly, and so does a signature whose capture fails (with a warning). CUDA only.
@@ -40,9 +40,18 @@ def _has_conv2d(module: nn.Module) -> bool:
 
 def network_module(denoiser) -> nn.Module:
     """The module that does the denoiser's work: a diffusers net's UNet/transformer, else the built-in net."""
-    net = denoiser.net
-    net = net.inner if isinstance(net, GraphedNet) else net
+    net = _unwrapped(denoiser.net)
     return net.live if hasattr(net, "live") else net
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.inner if isinstance(module, GraphedNet) else module
+
+
+def graphed_modules(denoiser) -> list:
+    """The GraphedNets a denoiser runs (its network's, its VAE decoder's)."""
+    vae = _vae(denoiser)
+    return [m for m in (denoiser.net, getattr(vae, "decoder", None)) if isinstance(m, GraphedNet)]
 
 
 def _vae(denoiser):
@@ -63,9 +72,10 @@ def prepare_inference(denoiser, *, compile: bool = False, cuda_graphs: bool = Fa
         raise FewstepError(f"--cuda-graphs needs the model on a CUDA device; it is on {device} (use --device cuda)")
     vae = _vae(denoiser)
     net = network_module(denoiser)
-    if ((channels_last and not state.get("channels_last")) or (compile and not state.get("compile"))) \
-            and isinstance(denoiser.net, GraphedNet):
-        denoiser.net.reset()  # graphs captured over the old weights' memory or kernels are dropped
+    graphed = graphed_modules(denoiser)
+    if (channels_last and not state.get("channels_last")) or (compile and not state.get("compile")):
+        for g in graphed:
+            g.reset()  # graphs captured over the old weights' memory or kernels are dropped
     if channels_last and not state.get("channels_last"):
         applied = []
         if _has_conv2d(net):
@@ -79,12 +89,16 @@ def prepare_inference(denoiser, *, compile: bool = False, cuda_graphs: bool = Fa
         net.compile(dynamic=False)
         applied = ["network"]
         if vae is not None:
-            vae.decoder.compile(dynamic=False)
+            _unwrapped(vae.decoder).compile(dynamic=False)
             applied.append("vae decoder")
         state["compile"] = applied
     if cuda_graphs and not state.get("cuda_graphs"):
         denoiser.net = GraphedNet(denoiser.net, cuda_capture)
-        state["cuda_graphs"] = True
+        applied = ["network"]
+        if vae is not None:
+            vae.decoder = GraphedNet(vae.decoder, cuda_capture)
+            applied.append("vae decoder")
+        state["cuda_graphs"] = applied
     if device.type == "cuda" and (compile or cuda_graphs or channels_last):
         torch.backends.cudnn.benchmark = True
         state["cudnn_benchmark"] = True
@@ -239,4 +253,4 @@ class GraphedNet(nn.Module):
         return static, replay, out
 
 
-__all__ = ["GraphedNet", "cuda_capture", "eager_capture", "network_module", "prepare_inference"]
+__all__ = ["GraphedNet", "cuda_capture", "eager_capture", "graphed_modules", "network_module", "prepare_inference"]

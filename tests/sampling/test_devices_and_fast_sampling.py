@@ -283,3 +283,21 @@ def test_finishing_pairs_in_another_dtype_is_refused_with_a_hint(tmp_path):
     fewstep.pairs("toy:moons", tmp_path / "p", num=8, steps=2, shard_size=4, dtype="fp32")
     with pytest.raises(FewstepError, match="another --dtype"):
         fewstep.pairs("toy:moons", tmp_path / "p", num=8, steps=2, shard_size=4, dtype="bf16")
+
+
+def test_graphed_diffusers_network_and_vae_decoder(tiny_sdxl):
+    """The text-to-image pieces `--cuda-graphs` wraps (the UNet with its dict of text conditions, the VAE decoder)
+    replay through GraphedNet like the plain modules (eager stand-in for the graphs)."""
+    from fewstep.sampling.fast import graphed_modules
+
+    den = load_model(tiny_sdxl)
+    kw = dict(num=5, steps=3, solver="euler", batch_size=5, prompts=["a red cube", "two cats"])
+    plain = fewstep.sample(den, **kw)["_samples"]
+    den.net = GraphedNet(den.net, eager_capture)
+    den.components.vae.decoder = GraphedNet(den.components.vae.decoder, eager_capture)
+    assert graphed_modules(den) == [den.net, den.components.vae.decoder]
+    first = fewstep.sample(den, **kw)["_samples"]
+    second = fewstep.sample(den, **kw)["_samples"]
+    torch.testing.assert_close(first, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, plain, rtol=1e-5, atol=1e-5)
+    assert den.net.replays == 5 and den.components.vae.decoder.replays == 1  # 6 UNet calls, 2 decodes

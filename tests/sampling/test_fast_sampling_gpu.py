@@ -35,7 +35,8 @@ def test_cuda_graphs_replay_what_eager_sampling_makes(tiny_sdxl):
     kw = dict(num=6, steps=4, solver="euler", batch_size=4, prompts=["a red cube", "two cats"])
     eager = fewstep.sample(den, **kw)["_samples"]
     graphed = fewstep.sample(den, cuda_graphs=True, **kw)
-    assert graphed["fast"] == {"cuda_graphs": True, "cudnn_benchmark": True} and isinstance(den.net, GraphedNet)
+    assert graphed["fast"] == {"cuda_graphs": ["network", "vae decoder"], "cudnn_benchmark": True}
+    assert isinstance(den.net, GraphedNet) and isinstance(den.components.vae.decoder, GraphedNet)
     # batches of 4 and 2, 4 steps each: per batch size one eager call, then a capture and 3 replays
     assert len(den.net._graphs) == 2 and den.net.replays == 6 and not den.net.failures
     torch.testing.assert_close(graphed["_samples"], eager, rtol=2e-2, atol=2e-2)
