@@ -7,9 +7,9 @@ costs start-up time (compilation, graph capture):
   cuDNN's fastest convolutions use; networks without 2-D convolutions are left as they are.
 - ``compile``: `torch.compile` of the denoising network (the diffusers UNet/transformer, or the built-in net) and
   of the VAE decoder, with static shapes.
-- ``cuda_graphs``: the network's (and the VAE decoder's) calls replayed from CUDA graphs, one graph per input signature (shapes, dtypes,
-  device and the non-tensor arguments), captured on its second call: a few-step student at a fixed batch size and
-  resolution launches each step as one graph instead of hundreds of kernels. Calls with gradients (training,
+- ``cuda_graphs``: the network's (and the VAE decoder's) calls replayed from CUDA graphs, one graph per input
+  signature (shapes, dtypes, device and the non-tensor arguments), captured on its second call: a few-step student
+  at a fixed batch size and resolution launches each step as one graph instead of hundreds of kernels. Calls with gradients (training,
   JVPs) run eagerly, and so does a signature whose capture fails (with a warning). CUDA only.
 - ``vae_tiling``: diffusers' tiled VAE decode, for images too large to decode at once.
 
