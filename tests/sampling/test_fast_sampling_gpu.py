@@ -53,3 +53,23 @@ def test_compile_channels_last_and_graphs_together(tiny_sdxl):
     fast = fewstep.sample(den, compile=True, channels_last=True, cuda_graphs=True, **kw)
     assert set(fast["fast"]) == {"compile", "channels_last", "cuda_graphs", "cudnn_benchmark"}
     torch.testing.assert_close(fast["_samples"], eager, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_cuda_graphs_on_transformer_teachers(arch, tmp_path):
+    from fewstep.teachers.random_pipelines import save_random_pipeline
+
+    den = load_model(save_random_pipeline(arch, tmp_path / arch), "cuda", dtype="bf16")
+    kw = dict(num=4, steps=3, solver="euler", batch_size=4, prompt="two cats")
+    eager = fewstep.sample(den, **kw)["_samples"]
+    graphed = fewstep.sample(den, cuda_graphs=True, **kw)
+    assert "cuda_graph_failures" not in graphed["fast"] and den.net.replays == 2
+    torch.testing.assert_close(graphed["_samples"], eager, rtol=2e-2, atol=2e-2)
+
+
+def test_sample_i_does_not_depend_on_the_batch_size_on_cuda(tiny_sdxl):
+    den = load_model(tiny_sdxl, "cuda", dtype="fp32")
+    kw = dict(num=7, steps=2, prompts=["a red cube", "two cats"])
+    one = fewstep.sample(den, batch_size=1, **kw)["_samples"]
+    seven = fewstep.sample(den, batch_size=7, **kw)["_samples"]
+    torch.testing.assert_close(one, seven, rtol=1e-3, atol=1e-3)  # TF32 convolutions of other sizes
