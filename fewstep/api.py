@@ -83,9 +83,11 @@ def sample(
         raise FewstepError("give --prompt or --prompts, not both")
     if out is not None:
         ensure_new_path(out)
+    from fewstep.sampling.fast import graphed_modules, prepare_inference
+
     den = _model_on_device(model, device, dtype)
-    fast = _fast_inference(den, compile=compile, cuda_graphs=cuda_graphs, channels_last=channels_last,
-                           vae_tiling=vae_tiling)
+    fast = prepare_inference(den, compile=compile, cuda_graphs=cuda_graphs, channels_last=channels_last,
+                             vae_tiling=vae_tiling)
     meta = den.meta
     text = den.cond_kind == "text" and den.components is not None
     batch_size = batch_size or (8 if text else 1024)
@@ -124,8 +126,6 @@ def sample(
                                     cond=cond, renoise=settings.renoise, decode=decode, cond_index=cond_index)
     seconds = time.perf_counter() - t0
     if fast.get("cuda_graphs"):  # signatures that could not be captured ran eagerly
-        from fewstep.sampling.fast import graphed_modules
-
         failures = [f for g in graphed_modules(den) for f in g.failures]
         if failures:
             fast = {**fast, "cuda_graph_failures": failures}
@@ -174,14 +174,6 @@ def _model_on_device(model, device, dtype):
     if den.components is not None:
         den.components.to(dev)
     return den
-
-
-def _fast_inference(den, **options) -> dict:
-    if not any(options.values()):
-        return dict(den.__dict__.get("_fast_inference") or {})
-    from fewstep.sampling.fast import prepare_inference
-
-    return prepare_inference(den, **options)
 
 
 def _where(den) -> dict:

@@ -20,10 +20,10 @@ Tensor = torch.Tensor
 
 
 def to_device(t: Tensor, device, dtype: torch.dtype | None = None) -> Tensor:
-    """`t.to(device, dtype)`, but a CPU tensor bound for CUDA goes through pinned memory and is copied without
-    blocking (a copy from pageable memory waits for the GPU to finish everything queued: a host sync). The values
-    are the same either way."""
-    device = torch.device(device)
+    """`t.to(device, dtype)` (device None: where it is), but a CPU tensor bound for CUDA goes through pinned memory
+    and is copied without blocking (a copy from pageable memory waits for the GPU to finish everything queued: a
+    host sync). The values are the same either way."""
+    device = torch.device(device) if device is not None else t.device
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
     return t.to(device=device, dtype=dtype)
@@ -35,7 +35,7 @@ def as_time(t: Any, like: Tensor | None = None) -> Tensor:
         out = t
     else:
         out = torch.as_tensor(t, dtype=torch.float64)
-    if like is not None and out.device != like.device:
+    if like is not None:
         out = to_device(out, like.device)
     if not out.is_floating_point():
         out = out.to(torch.float64)
@@ -44,7 +44,7 @@ def as_time(t: Any, like: Tensor | None = None) -> Tensor:
 
 def expand_like(c: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample coefficient of shape () or (B,) to broadcast against x (B, ...)."""
-    c = to_device(c, x.device, x.dtype) if c.device != x.device else c.to(dtype=x.dtype)
+    c = to_device(c, x.device, x.dtype)
     if c.ndim == 0:
         return c
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))

@@ -37,6 +37,10 @@ PROMPT_CACHE_BYTES = 1 << 30  # conditions a pipeline keeps in memory, least rec
 # SDXL prompts, 128-256 Flux ones with their 512 T5 tokens)
 
 
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
 def hub_hint(source: str) -> str:
     return (f"download it where the Hugging Face hub is reachable (`hf download {source}`, which fills the cache "
             f"this machine reads) or pass a local pipeline folder (--teacher /path/to/folder with model_index.json)")
@@ -176,13 +180,12 @@ class TextToImageParts:
             for p in dict.fromkeys(prompts):  # most recently used last
                 if p in fresh:
                     entry = fresh[p]
-                    self._prompt_cache_bytes += sum(v.numel() * v.element_size() for v in entry.values())
+                    self._prompt_cache_bytes += _nbytes(entry)
                 else:
                     entry = store.pop(p)
                 store[p] = entry
             while store and self._prompt_cache_bytes > PROMPT_CACHE_BYTES:
-                _, dropped = store.popitem(last=False)
-                self._prompt_cache_bytes -= sum(v.numel() * v.element_size() for v in dropped.values())
+                self._prompt_cache_bytes -= _nbytes(store.popitem(last=False)[1])
         return out
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:

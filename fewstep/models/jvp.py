@@ -67,6 +67,18 @@ def _hooked(modules: Sequence[nn.Module], wanted: Callable[[nn.Module], bool], r
             h.remove()
 
 
+def _tensor_slots(modules: Sequence[nn.Module]):
+    """(store, name, tensor, kept) for every parameter and buffer of `modules`: the dict that holds it, its key there,
+    and whether its module lies inside a `jvp_keep_dtype` module (left in its precision by a cast)."""
+    kept = _kept_in_own_dtype(modules)
+    for root in modules:
+        for m in root.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in list(store.items()):
+                    if t is not None:
+                        yield store, name, t, id(m) in kept
+
+
 def _kept_in_own_dtype(modules: Sequence[nn.Module]) -> set[int]:
     """ids of every module inside a `jvp_keep_dtype` module of `modules` (left in its precision by a bf16 pass)."""
     return {id(m) for root in modules for k in root.modules() if getattr(k, "jvp_keep_dtype", False)
@@ -103,11 +115,14 @@ def expand_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
 
 def network_dtype(modules: Sequence[nn.Module], dtype: torch.dtype | None = None) -> torch.dtype | None:
     """The precision most of the networks' parameters (by count) run in for a pass with `jvp(..., dtype=dtype)`:
-    cast ones in `dtype`, the rest (time embeddings kept in their own precision) as they are."""
+    cast ones in `dtype`, the rest (time embeddings kept in their own precision) as they are; with `dtype` None, the
+    dtype most parameters have now (None without floating parameters)."""
     counts: dict[torch.dtype, int] = {}
-    kept_modules = _kept_in_own_dtype(modules)
-    kept = {id(p) for root in modules for m in root.modules() if id(m) in kept_modules
-            for p in m.parameters(recurse=False)}
+    kept: set[int] = set()
+    if dtype is not None:  # which parameters a cast would leave alone (no cast: every one counts as it is)
+        kept_modules = _kept_in_own_dtype(modules)
+        kept = {id(p) for root in modules for m in root.modules() if id(m) in kept_modules
+                for p in m.parameters(recurse=False)}
     seen = set()
     for root in modules:
         for p in root.parameters():
@@ -185,21 +200,15 @@ def networks_in_dtype(modules: Sequence[nn.Module], dtype: torch.dtype | None):
         return
     copies: dict[int, torch.Tensor] = {}
     saved = []
-    kept = _kept_in_own_dtype(modules)
     try:
-        for root in modules:
-            for m in root.modules():
-                if id(m) in kept:
-                    continue
-                for store in (m._parameters, m._buffers):
-                    for name, t in list(store.items()):
-                        if t is None or not t.is_floating_point() or t.dtype == dtype:
-                            continue
-                        cast = copies.get(id(t))
-                        if cast is None:
-                            cast = copies[id(t)] = t.detach().to(dtype)
-                        saved.append((store, name, t))
-                        store[name] = cast
+        for store, name, t, kept in list(_tensor_slots(modules)):
+            if kept or not t.is_floating_point() or t.dtype == dtype:
+                continue
+            cast = copies.get(id(t))
+            if cast is None:
+                cast = copies[id(t)] = t.detach().to(dtype)
+            saved.append((store, name, t))
+            store[name] = cast
         yield
     finally:
         for store, name, t in reversed(saved):
@@ -385,19 +394,13 @@ def place_networks(modules: Sequence[nn.Module], *, device=None, dtype: torch.dt
     floating tensors to `dtype`, in place: each tensor's `.data` is replaced, so a tensor shared by two trees (a LoRA
     student's base and its teacher's) moves once and stays shared. Modules marked `jvp_keep_dtype` (the built-in
     nets' time embedding, fp32 by design) keep their precision."""
-    roots = expand_modules(modules)
-    kept = _kept_in_own_dtype(roots)
     device = torch.device(device) if device is not None else None
     seen: set[int] = set()
-    for root in roots:
-        for m in root.modules():
-            cast = dtype if id(m) not in kept else None
-            for store in (m._parameters, m._buffers):
-                for t in store.values():
-                    if t is None or id(t) in seen:
-                        continue
-                    seen.add(id(t))
-                    to_dtype = cast if cast is not None and t.is_floating_point() else t.dtype
-                    to_device = device if device is not None else t.device
-                    if t.dtype != to_dtype or t.device != to_device:
-                        t.data = t.data.to(device=to_device, dtype=to_dtype)
+    for _, _, t, kept in _tensor_slots(expand_modules(modules)):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        to_dtype = dtype if dtype is not None and not kept and t.is_floating_point() else t.dtype
+        to_device = device if device is not None else t.device
+        if t.dtype != to_dtype or t.device != to_device:
+            t.data = t.data.to(device=to_device, dtype=to_dtype)

@@ -9,8 +9,8 @@ costs start-up time (compilation, graph capture):
   of the VAE decoder, with static shapes.
 - ``cuda_graphs``: the network's (and the VAE decoder's) calls replayed from CUDA graphs, one graph per input
   signature (shapes, dtypes, device and the non-tensor arguments), captured on its second call: a few-step student
-  at a fixed batch size and resolution launches each step as one graph instead of hundreds of kernels. Calls with gradients (training,
-  JVPs) run eagerly, and so does a signature whose capture fails (with a warning). CUDA only.
+  at a fixed batch size and resolution launches each step as one graph instead of hundreds of kernels. Calls with
+  gradients (training, JVPs) run eagerly, and so does a signature whose capture fails (with a warning). CUDA only.
 - ``vae_tiling``: diffusers' tiled VAE decode, for images too large to decode at once.
 
 On CUDA, any of compile, CUDA graphs or channels_last also turns on cuDNN's autotuner

@@ -6,6 +6,7 @@ import itertools
 
 import torch
 
+from fewstep.diffusion.processes import to_device
 from fewstep.errors import FewstepError
 from fewstep.sampling.seeds import (
     NOISE_STREAMS,
@@ -28,12 +29,11 @@ def model_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype most of `module`'s floating parameters have (by count; a bf16 network whose time embedding stays
     fp32 is bf16), else that of its first floating buffer; float32 if it has none. The precision states are kept in
     while sampling it."""
-    counts: dict[torch.dtype, int] = {}
-    for q in module.parameters():
-        if q.is_floating_point():
-            counts[q.dtype] = counts.get(q.dtype, 0) + q.numel()
-    if counts:
-        return max(counts, key=counts.get)
+    from fewstep.models.jvp import network_dtype
+
+    dtype = network_dtype([module])
+    if dtype is not None:
+        return dtype
     p = _first_float_tensor(module)
     return p.dtype if p is not None else torch.float32
 
@@ -122,8 +122,8 @@ def generate(
             if cond is not None:
                 c = _rows(cond, start, count, device, cond_index)
             else:
-                c = labels[start:start + count].to(device) if labels is not None else None
-            w = guidance[start:start + count].to(device) if per_sample_guidance else guidance
+                c = to_device(labels[start:start + count], device) if labels is not None else None
+            w = to_device(guidance[start:start + count], device) if per_sample_guidance else guidance
             x = sample(denoiser, noise, timesteps=timesteps, solver=solver, cond=c, guidance=w,
                        renoise=renoise, seeds=seeds)
             if decode is not None:
@@ -141,5 +141,5 @@ def generate(
 def _rows(cond, start: int, count: int, device, index=None):
     pick = slice(start, start + count) if index is None else index[start:start + count]
     if isinstance(cond, dict):
-        return {k: v[pick].to(device) for k, v in cond.items()}
-    return cond[pick].to(device)
+        return {k: to_device(v[pick], device) for k, v in cond.items()}
+    return to_device(cond[pick], device)

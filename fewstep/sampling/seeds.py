@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from fewstep.diffusion.processes import to_device
+
 _MIX = 1_000_003  # a prime: seed s, index i -> s * _MIX + i (distinct for i < _MIX)
 _MASK64 = (1 << 64) - 1
 
@@ -41,15 +43,8 @@ def _draw(seeds, shape, dtype, device) -> torch.Tensor:
     shape = tuple(int(d) for d in shape)
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32) for s in seeds]
     out = torch.stack(rows) if rows else torch.empty((0, *shape))
-    return _to(out, device, dtype)
+    return to_device(out, device, dtype)  # no host sync on CUDA
 
-
-
-def _to(x: torch.Tensor, device, dtype) -> torch.Tensor:
-    """CPU noise onto `device` (without a host sync on CUDA: `fewstep.diffusion.processes.to_device`)."""
-    from fewstep.diffusion.processes import to_device
-
-    return to_device(x, device, dtype) if device is not None else x.to(dtype=dtype)
 
 def noise_for_seeds(seeds, shape, dtype=torch.float32, device=None) -> torch.Tensor:
     """Unit Gaussian noise of shape (len(seeds), *shape); row i comes from its own generator seeded seeds[i]."""
@@ -70,7 +65,7 @@ def noise_from_generators(generators, shape, dtype=torch.float32, device=None) -
     shape = tuple(int(d) for d in shape)
     rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
     out = torch.stack(rows) if rows else torch.empty((0, *shape))
-    return _to(out, device, dtype)
+    return to_device(out, device, dtype)  # no host sync on CUDA
 
 
 def renoise_for_seeds(seeds, step: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:

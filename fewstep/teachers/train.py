@@ -99,6 +99,7 @@ def train_teacher(
     import contextlib
 
     from fewstep.devices import dtype_name, resolve_device, resolve_dtype
+
     out = Path(out)
     _check_out(out)
     for name, v in (("--iters", iters), ("--batch-size", batch_size)):
